@@ -1,0 +1,9 @@
+"""lmsmith: the whole life of a decoder-only language model."""
+
+from .config import ModelConfig, preset
+from .errors import LmsmithError
+from .model import KVCache, Transformer, build_model
+
+__version__ = "0.1.0"
+
+__all__ = ["KVCache", "LmsmithError", "ModelConfig", "Transformer", "build_model", "preset"]

@@ -1,0 +1,278 @@
+"""The decoder: a Llama-family transformer, read top to bottom.
+
+token ids -> embedding -> N x [RMSNorm -> attention (RoPE, GQA, SDPA) -> +residual,
+RMSNorm -> SwiGLU MLP -> +residual] -> RMSNorm -> LM head -> logits.
+
+Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...)
+so a Llama/Qwen2/Mistral state dict loads without renaming and peft adapters
+target the same module names. The model knows nothing about training tricks:
+LoRA, quantized linears, compile, checkpointing are applied from outside.
+
+Shapes: B batch, T new tokens, S keys (cached + new), D dim, H query heads,
+K kv heads, Dh head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 as HF does, then cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies (Dh/2,) of the rotary embedding, with Llama-3 scaling if configured."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the middle band blended.
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, T, Dh) for integer positions (B, T), halves duplicated (HF layout)."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, Dh) by position; the pairs are (i, i + Dh/2) as in HF's `rotate_half`."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: (L, B, K, max_len, Dh) each.
+
+    Every row of the batch shares one write position (`length`); prompts of
+    different lengths are left-padded and the padding masked by the caller.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, K, T, Dh) at the current position; return all keys/values so far (B, K, S, Dh)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions requested, {self.max_len} allocated")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search reorders hypotheses every step)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        # mask None: plain causal attention over T == S (the training path, flash kernels).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model. Build with `build_model`, not directly, for meta-device init."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the embedding when the config says so (call after loading)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D).
+
+        Args:
+            input_ids: (B, T) token ids, or give `inputs_embeds` (B, T, D) instead.
+            positions: (B, T) rotary positions; default `cache.length + arange(T)`.
+            attention_mask: (B, S) with 1 for real tokens and 0 for padding over all
+                keys (cached + new); None means no padding.
+            cache: a KVCache to read and extend (its length advances by T).
+        """
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        mask = _attention_mask(attention_mask, B, T, past, x.device)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, last_only: bool = False, **kwargs) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with `last_only` (prefill needs only the last row).
+
+        Keyword arguments are those of `hidden_states`.
+        """
+        h = self.hidden_states(input_ids, **kwargs)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2 style init: N(0, std) everywhere, residual outputs scaled by 1/sqrt(2L)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.config.n_layers), generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        self.inv_freq = rope_inv_freq(self.config, device=self.inv_freq.device)
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after materialising from the meta device)."""
+        self.inv_freq = rope_inv_freq(self.config, device=self.model.embed_tokens.weight.device)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def _attention_mask(attention_mask, B, T, past, device) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask for SDPA, or None when plain causal attention suffices."""
+    S = past + T
+    if attention_mask is None:
+        if past == 0 or T == 1:
+            return None  # plain causal, or one new token that sees every cached key
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
+        return causal[None, None].expand(B, 1, T, S)
+    keys = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
+    mask = keys & causal[None, None]
+    # A fully masked row (a padding query) would give NaN; let it see itself instead.
+    diag = torch.zeros(T, S, dtype=torch.bool, device=device)
+    diag[torch.arange(T), past + torch.arange(T)] = True
+    return mask | (~mask.any(-1, keepdim=True) & diag)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = "cpu", dtype: torch.dtype | None = None,
+                seed: int | None = None, init: bool = True) -> Transformer:
+    """Build on the meta device, then materialise on `device`.
+
+    With `init=False` the parameters stay on the meta device (no memory used) so a
+    loader can assign real tensors; with `device=None` likewise.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if not init or device is None:
+        return model
+    model.to_empty(device=device)
+    model.tie_weights()
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    model.init_weights(generator=gen)
+    if dtype is not None:
+        model.to(dtype)
+    return model

@@ -1,0 +1,1 @@
+"""One module per CLI verb: parse arguments -> build -> run -> save, read top to bottom."""
