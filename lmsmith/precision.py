@@ -28,7 +28,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
     try:

@@ -1,0 +1,61 @@
+"""`lmsmith eval MODEL --data FILE...`: perplexity and bits per byte on held-out text."""
+
+from __future__ import annotations
+
+import json
+import time
+
+HELP = "perplexity and bits per byte of a model on held-out text"
+DESCRIPTION = """Perplexity and bits per byte of MODEL (an HF directory or .gguf file) on text.
+
+Each --data path is a text file (one document), a folder (its text files), or a
+.jsonl/.jsonl.gz file (one document per line, field --text-field). Texts longer
+than the window are scored with a sliding window: windows of --seq-len tokens
+advance by --stride, so every token is predicted once with at least
+seq_len - stride tokens of context. Bits per byte is comparable across
+tokenizers; perplexity only between models sharing a tokenizer."""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="model directory (or .gguf file)")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files, folders or .jsonl files")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length in tokens (default: model context)")
+    p.add_argument("--stride", type=int, default=None, help="window advance in tokens (default: seq-len / 2)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16"],
+                   help="compute precision (default: fp32, exact)")
+    p.add_argument("--max-docs", type=int, default=None, help="score at most this many documents")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args) -> int:
+    from ..checkpoint import load
+    from ..data.sources import read_documents
+    from ..errors import LmsmithError
+    from ..eval import perplexity
+
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise LmsmithError(f"{args.model}: no tokenizer.json beside the weights; eval needs the model's tokenizer")
+    texts = []
+    for path in args.data:
+        for _, text in read_documents(path, text_field=args.text_field):
+            texts.append(text)
+            if args.max_docs and len(texts) >= args.max_docs:
+                break
+    if not texts:
+        raise LmsmithError(f"no text found in {', '.join(args.data)}")
+    t0 = time.time()
+    try:
+        result = perplexity(model, tokenizer, texts, seq_len=args.seq_len, stride=args.stride,
+                            batch_size=args.batch_size, dtype_policy=args.dtype)
+    except ValueError as e:
+        raise LmsmithError(str(e)) from None
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    print(f"{args.model}: perplexity {result.perplexity:.3f} · loss {result.loss:.4f} nats/token · "
+          f"{result.bits_per_byte:.4f} bits/byte over {result.tokens:,} tokens "
+          f"({result.bytes:,} bytes, {result.texts} documents) in {time.time() - t0:.1f}s")
+    return 0
