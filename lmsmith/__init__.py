@@ -3,7 +3,8 @@
 from .config import ModelConfig, preset
 from .errors import LmsmithError
 from .model import KVCache, Transformer, build_model
+from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "LmsmithError", "ModelConfig", "Transformer", "build_model", "preset"]
+__all__ = ["KVCache", "LmsmithError", "ModelConfig", "Transformer", "build_model", "preset", "Tokenizer"]
