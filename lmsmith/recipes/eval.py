@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..checkpoint import load
-    from ..data.sources import read_documents
+    from ..data.sources import Source, iter_documents
     from ..errors import LmsmithError
     from ..eval import perplexity
 
@@ -40,8 +40,9 @@ def run(args) -> int:
         raise LmsmithError(f"{args.model}: no tokenizer.json beside the weights; eval needs the model's tokenizer")
     texts = []
     for path in args.data:
-        for _, text in read_documents(path, text_field=args.text_field):
-            texts.append(text)
+        for _, text in iter_documents(Source(name="eval", path=path), text_field=args.text_field):
+            if text.strip():
+                texts.append(text)
             if args.max_docs and len(texts) >= args.max_docs:
                 break
     if not texts:

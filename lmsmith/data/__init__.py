@@ -1,0 +1,29 @@
+"""Corpus reading, cleaning, de-duplication, token shards and mixture sampling.
+
+    prepare(sources, tokenizer, out_dir) -> manifest      text -> token shards (+ manifest.json)
+    TokenShards(dir)                                      memory-mapped streams per source/split
+    MixtureBatches(shards, batch_size=, seq_len=)         weighted, resumable training batches
+    sequential_batches(shards, "validation", ...)         in-order evaluation batches
+    default_corpus_sources()                              the stdlib + pydoc topics corpus
+"""
+
+from .corpus import default_corpus_sources
+from .mixture import IGNORE_INDEX, MixtureBatches, sequential_batches
+from .shards import TokenShards, TokenStream, load_manifest, prepare, token_dtype
+from .sources import Source, SourceStats, iter_documents, parse_source
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MixtureBatches",
+    "Source",
+    "SourceStats",
+    "TokenShards",
+    "TokenStream",
+    "default_corpus_sources",
+    "iter_documents",
+    "load_manifest",
+    "parse_source",
+    "prepare",
+    "sequential_batches",
+    "token_dtype",
+]

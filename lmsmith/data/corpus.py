@@ -1,0 +1,54 @@
+"""The embedded default corpus: text every Python installation carries.
+
+Two sources, so `lmsmith pretrain` runs on a fresh machine with no download:
+
+- "code" (weight 0.7): the standard library's `.py` files (about 10 MB), found with
+  `sysconfig`; left out: site-packages, test suites, `pydoc_data` (that is the "docs"
+  source), IDLE icons, bundled wheels, generated codec tables (`encodings/cp*.py` & co.:
+  thousands of near-identical table lines teach a small model little) and files over 512 KB.
+- "docs" (weight 0.3): the interpreter's documentation topics (`pydoc_data.topics.topics`,
+  about 0.5 MB of English), one document per topic, held in memory.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+
+from ..errors import LmsmithError
+from .sources import Source
+
+CODE_EXCLUDE = (
+    "site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data",
+    "idlelib/Icons", "ensurepip/_bundled", "config-*", "lib-dynload", "lib2to3/tests",
+    "encodings/cp*.py", "encodings/mac_*.py", "encodings/iso8859_*.py", "encodings/koi8_*.py",
+    "encodings/kz1048.py", "encodings/ptcp154.py", "encodings/hp_roman8.py", "encodings/palmos.py",
+    "encodings/tis_620.py",
+)
+CODE_MAX_FILE_BYTES = 512 * 1024
+
+
+def _pydoc_topics():
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        return []
+    return [(name, text) for name, text in sorted(topics.items())]
+
+
+def default_corpus_sources(code_weight: float = 0.7, docs_weight: float = 0.3) -> list[Source]:
+    """The embedded corpus as two sources: [Source "code" (stdlib .py files), Source "docs" (pydoc topics)].
+
+    "docs" is omitted if this Python has no `pydoc_data`.
+    """
+    stdlib = sysconfig.get_paths().get("stdlib")
+    if not stdlib:
+        raise LmsmithError(
+            "cannot find the Python standard library (sysconfig has no 'stdlib' path); pass --source"
+        )
+    sources = [
+        Source("code", path=stdlib, weight=code_weight, include=("*.py",), exclude=CODE_EXCLUDE,
+               max_file_bytes=CODE_MAX_FILE_BYTES),
+    ]
+    if _pydoc_topics():
+        sources.append(Source("docs", documents=_pydoc_topics, weight=docs_weight))
+    return sources
