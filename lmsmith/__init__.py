@@ -1,5 +1,6 @@
 """lmsmith: the whole life of a decoder-only language model."""
 
+from .checkpoint import load, read_config, save
 from .config import ModelConfig, preset
 from .errors import LmsmithError
 from .model import KVCache, Transformer, build_model
@@ -7,4 +8,7 @@ from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "LmsmithError", "ModelConfig", "Transformer", "build_model", "preset", "Tokenizer"]
+__all__ = [
+    "KVCache", "LmsmithError", "ModelConfig", "Tokenizer", "Transformer", "build_model", "load", "preset",
+    "read_config", "save",
+]
