@@ -1,0 +1,110 @@
+"""What a run reports: metrics.jsonl, the progress bar, MFU, the loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+_PEAKS: dict[tuple[str, str], float] = {}
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        seconds: float = 1.0, n: int = 1024) -> float:
+    """Achieved FLOP/s of a square matmul in `dtype` on `device` (cached per process).
+
+    A measured peak, not a datasheet number, so MFU says how close training gets to
+    what this machine's matmul kernels really deliver.
+    """
+    device = torch.device(device)
+    key = (str(dtype), str(device))
+    if key in _PEAKS:
+        return _PEAKS[key]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):  # warm the kernels and caches
+        a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if reps % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+    _PEAKS[key] = 2 * n**3 * reps / elapsed
+    return _PEAKS[key]
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; each row is flushed to disk as it is written."""
+
+    def __init__(self, path: Path, rows: list[dict] | None = None):
+        self.path = Path(path)
+        self.rows: list[dict] = list(rows or [])
+        # Rewrite from the rows we were given: after a resume, rows logged past the
+        # checkpoint by the interrupted run are dropped, so the file matches the state.
+        with open(self.path, "w") as f:
+            for row in self.rows:
+                f.write(json.dumps(row) + "\n")
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+def progress_bar(total: int, initial: int, enabled: bool = True):
+    """A tqdm bar over optimizer steps (or a silent stand-in when tqdm is missing or disabled)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+
+
+class _NoBar:
+    def update(self, n=1): ...
+    def set_postfix_str(self, s, refresh=True): ...
+    def write(self, s): print(s)
+    def close(self): ...
+
+
+def format_postfix(loss: float, lr: float, tok_s: float, mfu: float | None) -> str:
+    mfu_s = f" mfu {100 * mfu:.0f}%" if mfu is not None else ""
+    return f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu_s}"
+
+
+def plot_loss_curve(rows: list[dict], png_path: Path) -> str | None:
+    """Write train (and validation) loss against step; returns a note if it was skipped."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed; skipped the loss-curve PNG (pip install matplotlib)"
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train and not val:
+        return "no metrics to plot"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return None

@@ -1,0 +1,303 @@
+"""Run state: atomic checkpoints with `train_state/`, resume, RNG.
+
+A checkpoint is `out_dir/checkpoints/step-XXXXXXX/`: a loadable Hugging Face
+directory (written by `lmsmith.checkpoint.save`) plus `train_state/`:
+
+    train_state/optimizer.safetensors   optimizer tensors (exp_avg, exp_avg_sq, step)
+    train_state/rng.safetensors         torch CPU/CUDA generator states
+    train_state/state.json              step, optimizer param groups, numpy/python RNG,
+                                        data iterator state, TrainConfig, metrics so far
+
+Nothing is pickled. The whole folder is written under a hidden temporary name
+and renamed into place, so a crash mid-write never leaves a directory that
+looks like a checkpoint: every `step-*` folder is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import LmsmithError
+
+STEP_RE = re.compile(r"^step-(\d{7,})$")
+TMP_PREFIX = ".tmp-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+# ---- RNG -------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy (if installed) and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def get_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, json-able) describing every RNG the loop may touch."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    v, internal, gauss = random.getstate()
+    info: dict[str, Any] = {"python": [v, list(internal), gauss]}
+    try:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        info["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return tensors, info
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    v, internal, gauss = info["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "numpy" in info:
+        try:
+            import numpy as np
+            name, keys, pos, has_gauss, cached = info["numpy"]
+            np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        except ImportError:
+            pass
+
+
+# ---- optimizer state (safetensors + JSON, never pickle) ---------------------------------
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---- writing a checkpoint ---------------------------------------------------------------
+
+
+def _checkpoint_save():
+    """lmsmith.checkpoint.save if it supports `extra=` (the atomic add-on hook), else None."""
+    try:
+        from ..checkpoint import save
+    except ImportError:
+        return None
+    import inspect
+
+    return save if "extra" in inspect.signature(save).parameters else None
+
+
+def save_model(model, tokenizer, path: Path) -> Path:
+    """Write the final model as an HF directory, atomically."""
+    save = _checkpoint_save()
+    if save is not None:
+        return save(model, tokenizer, path)
+    return atomic_dir(path, lambda tmp: _save_model(model, tokenizer, tmp))
+
+
+def _save_model(model, tokenizer, path: Path) -> None:
+    """The HF directory: lmsmith.checkpoint.save when present, else a minimal writer."""
+    save = _checkpoint_save()
+    if save is not None:
+        save(model, tokenizer, str(path))
+        return
+    # Fallback until lmsmith.checkpoint lands: config.json + model.safetensors.
+    path.mkdir(parents=True, exist_ok=False)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(str(path))
+
+
+def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` to fill a fresh temporary folder beside `final`, then rename it into place.
+
+    `write` receives a path that does not exist yet (it creates it). On any
+    exception the temporary folder is removed and `final` is untouched.
+    """
+    final = Path(final)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if final.exists():
+            # Overwriting a checkpoint of the same step: move the old one aside first.
+            old = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model, tokenizer, optimizer, config: dict,
+                    data_state: Any, rng: tuple[dict, dict], metrics: list[dict],
+                    extra: dict | None = None) -> Path:
+    """Write `ckpt_root/step-XXXXXXX/` atomically (HF directory + train_state/); return its path."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    opt_tensors, opt_meta = optimizer_to_files(optimizer)
+    rng_tensors, rng_info = rng
+    state = {
+        "format": 1,
+        "step": step,
+        "optimizer": opt_meta,
+        "rng": rng_info,
+        "data_state": data_state,
+        "config": config,
+        "metrics": metrics,
+        **(extra or {}),
+    }
+    try:
+        state_json = json.dumps(state)
+    except TypeError as e:
+        raise LmsmithError(f"training state is not JSON-serialisable ({e}); the data iterator's "
+                           "state_dict() must return plain lists/dicts/numbers/strings") from None
+
+    def write_train_state(directory: Path) -> None:
+        ts = directory / "train_state"
+        ts.mkdir()
+        save_file(opt_tensors, str(ts / "optimizer.safetensors"))
+        save_file(rng_tensors, str(ts / "rng.safetensors"))
+        (ts / "state.json").write_text(state_json)
+
+    final = ckpt_root / step_dir_name(step)
+    save = _checkpoint_save()
+    if save is not None:
+        # One atomic write for the HF files and train_state/ together.
+        save(model, tokenizer, final, extra=write_train_state)
+        return final
+
+    def write(tmp: Path) -> None:
+        _save_model(model, tokenizer, tmp)
+        write_train_state(tmp)
+
+    return atomic_dir(final, write)
+
+
+# ---- finding and reading checkpoints ----------------------------------------------------
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `ckpt_root`, oldest first (temporary folders ignored)."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for p in ckpt_root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and (p / "train_state" / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints, and leftover temporary folders."""
+    found = list_checkpoints(ckpt_root)
+    for _, path in found[: max(0, len(found) - keep_last)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_temporaries(ckpt_root: Path) -> None:
+    """Remove half-written folders left by a crash (they never count as checkpoints)."""
+    ckpt_root = Path(ckpt_root)
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            # Ours (".tmp-step-...") and lmsmith.checkpoint's ("step-....tmp-XXXX").
+            if p.name.startswith(TMP_PREFIX) or re.match(r"^step-\d+\.tmp-", p.name):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_model_weights(model, path: Path) -> None:
+    """Copy the weights of an HF checkpoint folder into `model` in place (exact, no dtype change)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LmsmithError(f"{path}: no *.safetensors weights found; is this a checkpoint folder?")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = getattr(model.config, "tie_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise LmsmithError(f"{path}: weights do not match the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}); resume with the same model config")
+    if tied:
+        model.tie_weights()
+
+
+def load_train_state(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state.json dict, optimizer tensors, rng tensors) of a checkpoint folder."""
+    ts = Path(path) / "train_state"
+    state = json.loads((ts / "state.json").read_text())
+    return state, load_file(str(ts / "optimizer.safetensors")), load_file(str(ts / "rng.safetensors"))
