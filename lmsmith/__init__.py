@@ -2,6 +2,7 @@
 
 from .checkpoint import load, read_config, save
 from .config import ModelConfig, preset
+from .decoding import GenerationConfig, generate, generate_ids, generate_stream, next_token_probs
 from .errors import LmsmithError
 from .model import KVCache, Transformer, build_model
 from .tokenizer import Tokenizer
@@ -9,6 +10,6 @@ from .tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "KVCache", "LmsmithError", "ModelConfig", "Tokenizer", "Transformer", "build_model", "load", "preset",
-    "read_config", "save",
+    "GenerationConfig", "KVCache", "LmsmithError", "ModelConfig", "Tokenizer", "Transformer", "build_model",
+    "generate", "generate_ids", "generate_stream", "load", "next_token_probs", "preset", "read_config", "save",
 ]

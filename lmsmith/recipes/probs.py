@@ -1,0 +1,113 @@
+"""`lmsmith probs MODEL --prompt TEXT`: the table of the most likely next tokens, step by step.
+
+The model's output is a probability distribution over the vocabulary; this shows
+its top k rows. With --steps N the most likely token is appended and the table
+shown again, N times (greedy decoding, slowed down to be watched). With
+--temperature T a second column shows softmax(logits / T) next to T=1: the same
+ranking, sharpened (T < 1) or flattened (T > 1).
+"""
+
+from __future__ import annotations
+
+HELP = "the table of the most likely next tokens, step by step"
+DESCRIPTION = __doc__.split("\n", 2)[2].strip() if __doc__ else HELP
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="model directory (or .gguf file)")
+    p.add_argument("--prompt", required=True, help="the text whose next token is predicted")
+    p.add_argument("--top", type=int, default=5, help="rows in the table (default: 5)")
+    p.add_argument("--temperature", type=float, default=None, help="also show softmax(logits / T) next to T=1")
+    p.add_argument("--steps", type=int, default=1, help="append the greedy token and repeat, N tables (default: 1)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of the tables to this PNG")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+
+
+def show_token(text: str) -> str:
+    """Token text with whitespace and control characters visible (repr without the outer quotes noise)."""
+    return repr(text)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..decoding import encode_prompt
+    from ..decoding.engine import check_prompts, model_device
+    from ..errors import LmsmithError
+    from .generate import load_for_generation
+
+    if args.top < 1:
+        raise LmsmithError(f"--top {args.top} must be >= 1")
+    if args.steps < 1:
+        raise LmsmithError(f"--steps {args.steps} must be >= 1")
+    if args.temperature is not None and args.temperature <= 0:
+        raise LmsmithError(f"--temperature {args.temperature} must be > 0 to show a distribution")
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+        except ImportError:
+            raise LmsmithError("--plot needs matplotlib: pip install matplotlib") from None
+    model, tokenizer = load_for_generation(args)
+    ids = encode_prompt(tokenizer, args.prompt)
+    T = args.temperature
+    show_t = T is not None and T != 1.0
+    tables = []
+    text = args.prompt
+    for step in range(args.steps):
+        check_prompts([ids], model.config.max_seq_len)
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids], device=model_device(model)), last_only=True)[0, -1].float()
+        p1 = logits.softmax(-1)
+        pt = (logits / T).softmax(-1) if show_t else None
+        top = torch.topk(p1, min(args.top, p1.shape[-1]))
+        rows = []
+        for i, p in zip(top.indices.tolist(), top.values.tolist()):
+            rows.append((show_token(tokenizer.decode([i])), p, float(pt[i]) if show_t else None, i))
+        tables.append((text, rows))
+        print(f"{'step ' + str(step + 1) + ': ' if args.steps > 1 else ''}{text!r}")
+        head = f"  {'#':>3}  {'token':<20} {'p(T=1)':>9}" + (f" {f'p(T={T:g})':>10}" if show_t else "")
+        print(head)
+        for r, (tok, p, q, _) in enumerate(rows, 1):
+            line = f"  {r:>3}  {tok:<20} {p * 100:>8.2f}%"
+            if show_t:
+                line += f" {q * 100:>9.2f}%"
+            print(line)
+        print("  " + ", ".join(f"{tok} {p * 100:.2f}%" for tok, p, _, _ in rows))
+        if step + 1 < args.steps:
+            nxt = rows[0][3]
+            ids = ids + [nxt]
+            text = text + tokenizer.decode([nxt])
+            print(f"  -> appending {rows[0][0]}\n")
+    if args.plot:
+        _plot(tables, T if show_t else None, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot(tables, T, path) -> None:
+    import matplotlib.pyplot as plt
+
+    n = len(tables)
+    shown = tables[:12]  # more panels than this are unreadable
+    fig, axes = plt.subplots(len(shown), 1, figsize=(8, 2.6 * len(shown)), squeeze=False)
+    for ax, (text, rows) in zip(axes[:, 0], shown):
+        labels = [tok for tok, *_ in rows]
+        x = range(len(rows))
+        w = 0.4 if T is not None else 0.8
+        ax.bar([i - (w / 2 if T is not None else 0) for i in x], [p for _, p, _, _ in rows], width=w, label="T=1")
+        if T is not None:
+            ax.bar([i + w / 2 for i in x], [q for _, _, q, _ in rows], width=w, label=f"T={T:g}")
+            ax.legend()
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("probability")
+        title = text if len(text) <= 60 else "..." + text[-57:]
+        ax.set_title(repr(title), fontsize=9)
+    if n > len(shown):
+        fig.suptitle(f"first {len(shown)} of {n} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
