@@ -215,10 +215,12 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, tempera
     """
     from ..model import KVCache
 
-    ids = tokenizer.encode(prompt, add_bos=getattr(tokenizer, "bos_id", None) is not None) if prompt else []
+    # A document starts after bos for models that use one, else after the eos separator.
+    bos = getattr(tokenizer, "bos_id", None) if getattr(tokenizer, "add_bos", False) else None
+    start = bos if bos is not None else getattr(tokenizer, "eos_id", None)
+    ids = ([start] if start is not None else []) + (tokenizer.encode(prompt) if prompt else [])
     if not ids:
-        bos = getattr(tokenizer, "bos_id", None)
-        ids = [bos if bos is not None else 0]
+        ids = [0]
     device = next(model.parameters()).device
     cfg = model.config
     max_len = min(cfg.max_seq_len, len(ids) + max_new_tokens)
