@@ -95,3 +95,13 @@ def test_pretrain_yaml_config_sets_model_shape(corpus, tmp_path, capsys):
     saved = json.loads((out / "final" / "config.json").read_text())
     assert saved["hidden_size"] == 64 and saved["num_key_value_heads"] == 1 and saved["vocab_size"] == 512
     assert "max_steps: 3" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("pretrain-*.yaml")))
+def test_example_configs_resolve(path):
+    import argparse
+
+    from lmsmith.recipes.pretrain import resolve_options
+
+    opts = resolve_options(argparse.Namespace(config=str(path)))
+    assert opts["preset"] and opts["out"]
