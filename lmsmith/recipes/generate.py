@@ -51,6 +51,7 @@ def add_generation_arguments(p) -> None:
     g.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute precision policy (default: fp32)")
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA or prompt-tuning adapter to apply")
 
 
 def config_from_args(args, **changes):
@@ -77,6 +78,10 @@ def load_for_generation(args):
     model, tokenizer = load(args.model, device=args.device or default_device())
     if tokenizer is None:
         raise LmsmithError(f"{args.model}: no tokenizer.json beside the weights; generation needs the tokenizer")
+    if getattr(args, "adapter", None):
+        from ..adapters import load_adapter
+
+        model = load_adapter(model, args.adapter, tokenizer)
     return model, tokenizer
 
 

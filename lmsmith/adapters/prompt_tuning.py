@@ -1,0 +1,380 @@
+"""Prompt tuning: n trainable "virtual token" embeddings in front of every input, base frozen.
+
+    wrapped = apply_prompt_tuning(model, PromptTuningConfig(n_virtual_tokens=20), tokenizer)
+    train(wrapped, ..., trainable_params=trainable_parameters(wrapped))
+    save_prompt_tuning(wrapped, "adapter/")      # peft's PROMPT_TUNING format
+
+`PromptTunedModel` has the Transformer's interface (`.config`, `.model`, `.lm_head`,
+`hidden_states`, `forward`), so the training loop and the decoding engine use it
+unchanged. Its outputs cover the real tokens only; the virtual positions are dropped.
+
+Positions: the virtual tokens take rotary positions 0..n-1 and real token i takes
+n + i (counted over real tokens, so left padding does not shift them). This is what
+peft does for an unpadded batch (transformers numbers the concatenated sequence
+0..n+T-1); peft ignores explicit position ids, so for LEFT-PADDED batches peft's
+positions also count the pad slots while ours do not (our batched generation
+equals one-by-one generation; peft's does not).
+
+KV cache: the virtual tokens' keys/values are the same for every row (they attend
+only to each other), so the wrapper keeps them in a prefix in front of the caller's
+cache. At prefill it swaps the cache's buffers for ones n positions longer and
+leaves `cache.k` / `cache.v` as views of the real-token part, so the engine (which
+allocated the cache for the real tokens only) copies and reorders them as usual;
+a cache the wrapper has not seen (beam search copies prefill keys into a new one)
+gets the prefix recomputed, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LmsmithError
+from .lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config, read_adapter_weights
+
+# Keys of our own tensors beside peft's `prompt_embeddings` (peft ignores them).
+_TABLE_KEY = "lmsmith.prompt_table"
+_ENCODER_PREFIX = "lmsmith.prompt_encoder."
+ACTIVATIONS = ("relu", "tanh")
+
+
+@dataclass
+class PromptTuningConfig:
+    """Soft-prompt settings.
+
+    Attributes:
+        n_virtual_tokens: how many virtual tokens are prepended.
+        init_text: initialise the table from this text's token embeddings (repeated or
+            truncated to n); None samples random rows of the vocabulary embedding.
+        encoder_hidden: if set, a P-tuning style encoder makes the virtual tokens:
+            E + Linear(H, D)(act(Linear(D, H)(E))) from the table E (n, D); the last layer
+            starts at zero so training starts from E (and from init_text's embeddings).
+        encoder_activation: "relu" or "tanh".
+    """
+
+    n_virtual_tokens: int = 20
+    init_text: str | None = None
+    encoder_hidden: int | None = None
+    encoder_activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        n = self.n_virtual_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise LmsmithError(f"PromptTuningConfig.n_virtual_tokens = {n!r}: must be a positive integer")
+        if self.init_text is not None and (not isinstance(self.init_text, str) or not self.init_text):
+            raise LmsmithError("PromptTuningConfig.init_text must be a non-empty string or None")
+        h = self.encoder_hidden
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+            raise LmsmithError(f"PromptTuningConfig.encoder_hidden = {h!r}: must be a positive integer or None")
+        if self.encoder_activation not in ACTIVATIONS:
+            raise LmsmithError(f"PromptTuningConfig.encoder_activation = {self.encoder_activation!r}: "
+                               f"choose one of {', '.join(ACTIVATIONS)}")
+
+
+class PromptTunedModel(nn.Module):
+    """A frozen Transformer with trainable virtual tokens in front of every input.
+
+    Submodules are registered as `model` (the base's decoder) and `lm_head`, so the
+    base's state-dict names are unchanged; the soft prompt adds `prompt_embeddings.weight`
+    (n, D) and, with an encoder, `prompt_encoder.*`.
+
+    Attributes:
+        base: the wrapped Transformer (not a registered submodule).
+        config: a copy of the base's ModelConfig with max_seq_len reduced by n, the
+            room left for real tokens (the base's config object is not modified).
+        prompt_config: the PromptTuningConfig.
+    """
+
+    def __init__(self, base: nn.Module, config: PromptTuningConfig, init: torch.Tensor | None = None):
+        super().__init__()
+        n, D = config.n_virtual_tokens, base.config.dim
+        if base.config.max_seq_len - n < 1:
+            raise LmsmithError(f"{n} virtual tokens leave no room in a context of {base.config.max_seq_len}; "
+                               f"use fewer virtual tokens")
+        object.__setattr__(self, "base", base)  # not registered: keeps HF names for the base weights
+        self.model = base.model
+        self.lm_head = base.lm_head
+        # The rotary buffer travels with `.to()` here and is handed to the base at each call.
+        self.register_buffer("inv_freq", base.inv_freq, persistent=False)
+        self.config = dataclasses.replace(base.config, max_seq_len=base.config.max_seq_len - n)
+        self.prompt_config = config
+        w = base.model.embed_tokens.weight
+        self.prompt_embeddings = nn.Embedding(n, D, device=w.device, dtype=w.dtype)
+        if init is not None:
+            with torch.no_grad():
+                self.prompt_embeddings.weight.copy_(init)
+        self.prompt_encoder = None
+        if config.encoder_hidden:
+            act = nn.ReLU() if config.encoder_activation == "relu" else nn.Tanh()
+            self.prompt_encoder = nn.Sequential(
+                nn.Linear(D, config.encoder_hidden, device=w.device, dtype=w.dtype), act,
+                nn.Linear(config.encoder_hidden, D, device=w.device, dtype=w.dtype))
+            nn.init.zeros_(self.prompt_encoder[2].weight)
+            nn.init.zeros_(self.prompt_encoder[2].bias)
+
+    @property
+    def n_virtual(self) -> int:
+        return self.prompt_config.n_virtual_tokens
+
+    def virtual_embeddings(self) -> torch.Tensor:
+        """The virtual tokens' input embeddings (n, D), through the encoder if there is one."""
+        e = self.prompt_embeddings.weight
+        if self.prompt_encoder is not None:
+            e = e + self.prompt_encoder(e)
+        return e
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters: the table and the encoder (if any)."""
+        ps = [self.prompt_embeddings.weight]
+        if self.prompt_encoder is not None:
+            ps += list(self.prompt_encoder.parameters())
+        return ps
+
+    def tie_weights(self) -> None:
+        self.base.tie_weights()
+        self.lm_head = self.base.lm_head
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # ---- the cache prefix ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def _prefix_kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the virtual tokens alone, (L, 1, K, n, Dh) each."""
+        from ..model import KVCache
+
+        n = self.n_virtual
+        tmp = KVCache(self.base.config, 1, max_len=n, dtype=dtype, device=self.inv_freq.device)
+        x = self.virtual_embeddings()[None].to(self.model.embed_tokens.weight.dtype)
+        self.base.hidden_states(inputs_embeds=x, cache=tmp)
+        return tmp.k, tmp.v
+
+    @contextlib.contextmanager
+    def _with_prefix(self, cache):
+        """Make `cache` hold the n virtual positions in front for the duration of one call."""
+        if cache is None:
+            yield
+            return
+        n = self.n_virtual
+        state = getattr(cache, "_lmsmith_prompt_prefix", None)
+        ours = state is not None and state[0] is cache.k and state[1] is cache.v
+        if not ours:
+            L, B, K, M, Dh = cache.k.shape
+            big_k = cache.k.new_zeros(L, B, K, n + M, Dh)
+            big_v = cache.v.new_zeros(L, B, K, n + M, Dh)
+            if cache.length > 0:
+                # A cache filled elsewhere (beam search copies prefill keys into a fresh one):
+                # put the virtual tokens' keys/values, identical for every row, in front.
+                pk, pv = self._prefix_kv(cache.k.dtype)
+                big_k[:, :, :, :n] = pk
+                big_v[:, :, :, :n] = pv
+                big_k[:, :, :, n:n + cache.length] = cache.k[:, :, :, :cache.length]
+                big_v[:, :, :, n:n + cache.length] = cache.v[:, :, :, :cache.length]
+            state = (big_k[:, :, :, n:], big_v[:, :, :, n:], big_k, big_v)
+            cache.k, cache.v = state[0], state[1]
+            cache._lmsmith_prompt_prefix = state
+        views = (cache.k, cache.v)
+        cache.k, cache.v = state[2], state[3]
+        cache.length += n
+        cache.max_len += n
+        try:
+            yield
+        finally:
+            cache.length -= n
+            cache.max_len -= n
+            cache.k, cache.v = views
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D) of the REAL tokens (virtual positions dropped).
+
+        Args:
+            input_ids: (B, T) ids, or `inputs_embeds` (B, T, D).
+            positions: (B, T) rotary positions counted over real tokens; shifted by n here.
+            attention_mask: (B, S) over the real keys (cached + new), 1 = real; n ones are prepended.
+            cache: a KVCache allocated for the real tokens; the virtual prefix is handled here.
+        """
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        n = self.n_virtual
+        self.base.inv_freq = self.inv_freq
+        prefill = cache is None or cache.length == 0
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(B, n), attention_mask], dim=1)  # (B, n + S)
+        if positions is not None:
+            positions = positions + n
+        if prefill:
+            prefix = self.virtual_embeddings().to(x.dtype)[None].expand(B, n, -1)  # (B, n, D)
+            x = torch.cat([prefix, x], dim=1)  # (B, n + T, D)
+            if positions is not None:
+                virt = torch.arange(n, device=positions.device, dtype=positions.dtype)[None].expand(B, n)
+                positions = torch.cat([virt, positions], dim=1)
+        if cache is not None and prefill:
+            # Allocate the prefix room; the forward below fills it with the virtual tokens.
+            cache.__dict__.pop("_lmsmith_prompt_prefix", None)
+        with self._with_prefix(cache):
+            if cache is not None and prefill:
+                cache.length -= n  # the virtual tokens are written by this very forward
+            h = self.base.hidden_states(inputs_embeds=x, positions=positions, attention_mask=attention_mask,
+                                        cache=cache)
+        return h[:, n:] if prefill else h
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, last_only: bool = False, **kwargs) -> torch.Tensor:
+        """Logits (B, T, V) for the real tokens, or (B, 1, V) with `last_only`."""
+        h = self.hidden_states(input_ids, **kwargs)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+
+# ---- building -------------------------------------------------------------------------
+
+
+def _initial_table(model, config: PromptTuningConfig, tokenizer) -> torch.Tensor:
+    emb = model.model.embed_tokens.weight.detach()
+    n = config.n_virtual_tokens
+    if config.init_text is not None:
+        if tokenizer is None:
+            raise LmsmithError("PromptTuningConfig.init_text needs the tokenizer: apply_prompt_tuning(model, config, "
+                               "tokenizer)")
+        ids = tokenizer.encode(config.init_text)
+        if not ids:
+            raise LmsmithError(f"init_text {config.init_text!r} encodes to no tokens")
+        ids = (ids * (n // len(ids) + 1))[:n]  # repeated / truncated to n, as peft does
+        return emb[torch.tensor(ids, device=emb.device)].clone()
+    # Random rows of the vocabulary: the right scale for the model (Lester et al. 2021).
+    rows = torch.randint(0, emb.shape[0], (n,), device=emb.device)
+    return emb[rows].clone()
+
+
+def apply_prompt_tuning(model, config: PromptTuningConfig, tokenizer=None) -> PromptTunedModel:
+    """Freeze `model` and wrap it with a soft prompt.
+
+    Args:
+        model: a Transformer.
+        config: PromptTuningConfig.
+        tokenizer: needed when `config.init_text` is set.
+
+    Returns:
+        The PromptTunedModel; `trainable_parameters(wrapper)` (or `wrapper.prompt_parameters()`)
+        lists what to train.
+    """
+    if isinstance(model, PromptTunedModel):
+        raise LmsmithError("the model already has a soft prompt; apply prompt tuning to the base model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return PromptTunedModel(model, config, _initial_table(model, config, tokenizer))
+
+
+def save_prompt_tuning(model: PromptTunedModel, path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the soft prompt in peft's PROMPT_TUNING format, atomically.
+
+    adapter_model.safetensors holds `prompt_embeddings` (n, D), the virtual tokens after the
+    encoder (what peft loads), plus, with an encoder, our table and encoder weights under
+    `lmsmith.*` keys so training can resume.
+    """
+    from ..checkpoint import atomic_dir, write_safetensors
+
+    if not isinstance(model, PromptTunedModel):
+        raise LmsmithError("save_prompt_tuning needs the PromptTunedModel returned by apply_prompt_tuning")
+    pc, cfg = model.prompt_config, model.base.config
+    meta = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "num_virtual_tokens": pc.n_virtual_tokens,
+        "token_dim": cfg.dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": cfg.n_heads,
+        "num_layers": cfg.n_layers,
+        # RANDOM: the trained weights are in the file; "TEXT" would make peft fetch a tokenizer.
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+    ours = {"init_text": pc.init_text, "encoder_hidden": pc.encoder_hidden,
+            "encoder_activation": pc.encoder_activation}
+    with torch.no_grad():
+        tensors = {"prompt_embeddings": model.virtual_embeddings().detach()}
+        if model.prompt_encoder is not None:
+            tensors[_TABLE_KEY] = model.prompt_embeddings.weight.detach()
+            for k, v in model.prompt_encoder.state_dict().items():
+                tensors[_ENCODER_PREFIX + k] = v.detach()
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        # Our settings ride in the safetensors metadata: peft validates adapter_config.json's keys.
+        write_safetensors(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"lmsmith": json.dumps(ours)})
+    return path
+
+
+def _our_settings(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / ADAPTER_WEIGHTS_NAME), "pt") as f:
+            raw = (f.metadata() or {}).get("lmsmith")
+    except Exception:  # noqa: BLE001 - unreadable files are reported by read_adapter_weights
+        return {}
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+@torch.no_grad()
+def load_prompt_tuning(model, path) -> PromptTunedModel:
+    """Wrap `model` with the soft prompt saved at `path` (by us or by peft's save_pretrained).
+
+    Returns:
+        A PromptTunedModel with the base frozen; with our encoder weights present the encoder
+        is restored (trainable again), else the table holds `prompt_embeddings`.
+    """
+    path = Path(path)
+    raw = read_adapter_config(path)
+    where = path / ADAPTER_CONFIG_NAME
+    if raw.get("peft_type") != "PROMPT_TUNING":
+        raise LmsmithError(f"{where}: peft_type {raw.get('peft_type')!r} is not PROMPT_TUNING")
+    if int(raw.get("num_transformer_submodules") or 1) != 1:
+        raise LmsmithError(f"{where}: num_transformer_submodules must be 1 for a decoder-only model")
+    tensors = read_adapter_weights(path)
+    if "prompt_embeddings" not in tensors:
+        raise LmsmithError(f"{path / ADAPTER_WEIGHTS_NAME}: no 'prompt_embeddings' tensor")
+    virt = tensors["prompt_embeddings"]
+    n = int(raw.get("num_virtual_tokens") or virt.shape[0])
+    D = model.config.dim
+    if tuple(virt.shape) != (n, D) or int(raw.get("token_dim") or D) != D:
+        raise LmsmithError(f"{path}: prompt_embeddings has shape {tuple(virt.shape)}, this model needs ({n}, {D}); "
+                           f"the adapter is for a model of another width")
+    ours = _our_settings(path)
+    encoder = ours.get("encoder_hidden") if _TABLE_KEY in tensors else None
+    config = PromptTuningConfig(n_virtual_tokens=n, init_text=ours.get("init_text"), encoder_hidden=encoder,
+                                encoder_activation=ours.get("encoder_activation") or "relu")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = PromptTunedModel(model, config, init=(tensors[_TABLE_KEY] if encoder else virt))
+    if encoder:
+        sd = {k[len(_ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIX)}
+        try:
+            wrapped.prompt_encoder.load_state_dict(sd)
+        except RuntimeError as e:
+            raise LmsmithError(f"{path}: prompt encoder weights do not fit ({str(e).splitlines()[0]})") from None
+    return wrapped
