@@ -101,19 +101,26 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _load_gguf(path: Path, dtype, device):
-    # The quantization work provides lmsmith.quant.gguf.load_gguf(path, dtype=, device=).
-    try:
-        from .quant.gguf import load_gguf  # type: ignore[import-not-found]
-    except ImportError:
-        raise LmsmithError(
-            f"{path}: GGUF loading arrives with the quantization work; load a Hugging Face directory instead"
-        ) from None
+    from .quant.gguf import load_gguf
+
     return load_gguf(path, dtype=dtype, device=device)
 
 
-# Dispatch table: (predicate on the path, loader(path, dtype, device)). First match wins.
+def _is_int8(path: Path) -> bool:
+    from .quant.int8 import is_int8_dir
+
+    return path.is_dir() and is_int8_dir(path)
+
+
+def _load_int8(path: Path, dtype, device):
+    from .quant.int8 import load_int8
+
+    return load_int8(path, dtype=dtype, device=device)
+
+
 _LOADERS: list[tuple[Callable[[Path], bool], Callable]] = [
     (_is_gguf, _load_gguf),
+    (_is_int8, _load_int8),
     (lambda p: True, lambda p, dtype, device: load_hf_dir(p, dtype=dtype, device=device)),
 ]
 

@@ -376,7 +376,7 @@ def test_missing_shard(tmp_path):
     _err(tmp_path / "m", victim.name)
 
 
-def test_gguf_not_yet(tmp_path):
+def test_truncated_gguf_is_a_clear_error(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     _err(tmp_path / "m.gguf", "GGUF")
 

@@ -1,0 +1,141 @@
+"""`lmsmith quantize MODEL --scheme SCHEME --out PATH` and `--report` (the quality table).
+
+load -> write (GGUF file for block schemes, int8 directory, or an HF directory in
+f16/bf16) -> summary paragraph. With --report: every scheme written, read back and
+scored on --eval-data; table + size-vs-perplexity PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "quantize to fp16/bf16/int8 or GGUF (Q8_0, Q4_K_M, Q3_K_M, ...) and measure the quality"
+DESCRIPTION = """Quantize MODEL (an HF directory or .gguf file).
+
+Schemes: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m (GGUF, llama.cpp's
+per-tensor mixes) and int8 (per-channel symmetric weight-only, an lmsmith directory
+that `lmsmith.load` runs packed). f16/bf16/f32 with an --out that does not end in
+.gguf write a Hugging Face directory instead.
+
+examples:
+  lmsmith quantize models/my-model --scheme q4_k_m --out my-model-q4_k_m.gguf
+  lmsmith quantize models/my-model --scheme int8 --out models/my-model-int8
+  lmsmith quantize models/my-model --report --eval-data held-out.txt --schemes f16,q8_0,q4_k_m,q3_k_m
+"""
+
+DEFAULT_REPORT_SCHEMES = "f16,q8_0,int8,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="model directory (or .gguf file)")
+    p.add_argument("--scheme", help="quantization scheme (see above)")
+    p.add_argument("--out", help="output .gguf file or directory")
+    p.add_argument("--report", action="store_true", help="measure the quality table over --schemes")
+    p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out text for --report (files, folders, .jsonl)")
+    p.add_argument("--schemes", default=DEFAULT_REPORT_SCHEMES, help=f"schemes for --report (default: "
+                                                                     f"{DEFAULT_REPORT_SCHEMES})")
+    p.add_argument("--seq-len", type=int, default=None, help="eval window length (default: model context)")
+    p.add_argument("--max-chars", type=int, default=200_000, help="score at most this much text (default: 200000)")
+    p.add_argument("--plot", default=None, help="PNG path of the size-vs-perplexity plot "
+                                                "(default: quality.png beside --out, or ./quantize_report.png)")
+    p.add_argument("--name", default=None, help="general.name written into a GGUF file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def known_schemes() -> list[str]:
+    from ..quant.mixes import scheme_names
+
+    return [*scheme_names(), "int8"]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def run(args) -> int:
+    from ..errors import LmsmithError
+
+    if not args.report and not (args.scheme and args.out):
+        raise LmsmithError("give --scheme SCHEME --out PATH, or --report --eval-data FILE")
+    if args.scheme and args.scheme.lower() not in known_schemes():
+        raise LmsmithError(f"unknown scheme {args.scheme!r}; known schemes: {', '.join(known_schemes())}")
+    if args.report and not args.eval_data:
+        raise LmsmithError("--report needs --eval-data FILE (held-out text to measure perplexity on)")
+
+    from ..checkpoint import load
+
+    model, tokenizer = load(args.model)
+    if args.scheme and args.out:
+        _write(model, tokenizer, args)
+    if args.report:
+        _report(model, tokenizer, args)
+    return 0
+
+
+def _write(model, tokenizer, args) -> None:
+    scheme, out = args.scheme.lower(), Path(args.out)
+    n_params = model.num_params()
+    f32_bytes = 4 * n_params
+    if scheme == "int8":
+        from ..quant.int8 import save_int8
+
+        save_int8(model, tokenizer, out)
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        print(f"int8: {n_params:,} weights, every matrix per-channel symmetric int8 with float32 row scales, "
+              f"norms in float32; {_human(size)} of weights (1:{f32_bytes / size:.1f} against f32). "
+              f"Written to {out}/ - load it with lmsmith.load (linear layers stay packed).")
+        return
+    if scheme in ("f16", "bf16", "f32") and out.suffix.lower() != ".gguf":
+        from ..checkpoint import save
+
+        save(model, tokenizer, out, dtype={"f16": "fp16", "bf16": "bf16", "f32": "fp32"}[scheme])
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        print(f"{scheme}: {n_params:,} weights as a Hugging Face directory, {_human(size)} "
+              f"(1:{f32_bytes / size:.1f} against f32). Written to {out}/ (transformers and lmsmith load it).")
+        return
+    from ..quant.gguf import export_gguf
+
+    s = export_gguf(model, tokenizer, out, scheme, name=args.name, progress=not args.no_progress)
+    per_type = ", ".join(f"{n} {t}" for t, n in sorted(s.type_counts.items(), key=lambda kv: -kv[1]))
+    if s.fallbacks:
+        fb = "; fallbacks: " + ", ".join(f"{k} {a.name}->{b.name}" for k, (a, b) in list(s.fallbacks.items())[:6])
+        if len(s.fallbacks) > 6:
+            fb += f" and {len(s.fallbacks) - 6} more"
+    else:
+        fb = "; no fallbacks"
+    print(f"{scheme.upper()} ({s.arch} GGUF): {len(s.types)} tensors - {per_type}{fb}. "
+          f"{_human(s.file_bytes)} at {s.bits_per_weight:.2f} bits per weight "
+          f"(1:{f32_bytes / max(s.tensor_bytes, 1):.1f} against f32), written in {s.seconds:.1f}s to {out}.")
+
+
+def _report(model, tokenizer, args) -> None:
+    from ..data.sources import Source, iter_documents
+    from ..errors import LmsmithError
+    from ..quant.report import format_table, plot_size_vs_perplexity, quality_table
+
+    texts, total = [], 0
+    for path in args.eval_data:
+        for _, text in iter_documents(Source(name="eval", path=path)):
+            if text.strip():
+                text = text[: args.max_chars - total]
+                texts.append(text)
+                total += len(text)
+            if total >= args.max_chars:
+                break
+    if not texts:
+        raise LmsmithError(f"no text found in {', '.join(args.eval_data)}")
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    rows = quality_table(model, tokenizer, texts, schemes, seq_len=args.seq_len, progress=not args.no_progress)
+    print(format_table(rows))
+    png = Path(args.plot) if args.plot else (Path(args.out).with_suffix(".quality.png") if args.out
+                                             else Path("quantize_report.png"))
+    plot_size_vs_perplexity(rows, png, title=f"{Path(args.model).name}: size vs perplexity")
+    best = min((r for r in rows[1:] if r.quality in ("lossless", "excellent")), key=lambda r: r.size_bytes,
+               default=None)
+    pick = f" The smallest scheme within 1% of f32 is {best.scheme} (1:{best.ratio:.1f})." if best else ""
+    print(f"\nMeasured {len(rows) - 1} schemes on {total:,} characters of {', '.join(args.eval_data)}; "
+          f"perplexity is lmsmith's, on each file read back.{pick} Plot written to {png}.")
