@@ -14,16 +14,18 @@ import sys
 
 # verb -> (module under lmsmith.recipes, one-line help). Order is the order in --help.
 VERBS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("tokenizer", "train a byte-level BPE tokenizer on text files"),
+    "data": ("data", "prepare token shards from text corpora; make synthetic instruction tasks"),
     "init": ("init", "create a randomly initialised model directory from a preset"),
     "info": ("info", "architecture, parameter counts and memory needs of a model or preset"),
-    "tokenizer": ("tokenizer", "train a byte-level BPE tokenizer on text files"),
     "pretrain": ("pretrain", "pretrain a model on raw text (default: the built-in Python corpus, ~10 min on CPU)"),
-    "data": ("data", "prepare token shards from text corpora (and later: synthetic task data)"),
-    "eval": ("eval", "perplexity and bits per byte of a model on held-out text"),
-    "generate": ("generate", "generate text with any decoding strategy, streaming; --compare strategies side by side"),
+    "eval": ("eval", "perplexity and bits per byte on held-out text; exact-match accuracy on tasks"),
+    "generate": ("generate", "generate text with any decoding strategy, streaming; --compare strategies"),
     "probs": ("probs", "the table of the most likely next tokens, step by step"),
     "chat": ("chat", "a multi-turn chat REPL with the model's chat template"),
-    "quantize": ("quantize", "quantize to fp16/bf16/int8 or GGUF (Q8_0, Q4_K_M, Q3_K_M, ...) and measure the quality"),
+    "finetune": ("finetune", "fine-tune on instruction or preference data: full, LoRA or prompt; SFT or DPO"),
+    "merge": ("merge", "fold a LoRA adapter into the base weights"),
+    "quantize": ("quantize", "quantize to f16/bf16/int8 or GGUF (Q8_0, Q4_K_M, Q3_K_M, ...); the quality table"),
 }
 
 

@@ -11,12 +11,28 @@ import argparse
 import sys
 import warnings
 
-HELP = "prepare token shards from text corpora (and later: synthetic task data)"
-DESCRIPTION = """Prepare token shards from text corpora.
+HELP = "prepare token shards from text corpora, or generate synthetic instruction data"
+DESCRIPTION = """Prepare token shards from text corpora, or generate synthetic instruction data.
 
   prepare   read text files, folders, JSONL (.jsonl, .jsonl.gz) or Parquet; normalise (NFC),
             drop short and duplicate documents, tokenize in parallel, and write memory-mappable
             shards per source and split (train / validation) with a manifest.json.
+  synth     generate instruction data with exactly checkable answers (arithmetic, reverse, sort,
+            convert, lookup, mix): train.jsonl, heldout.jsonl and preference.jsonl for DPO.
+"""
+
+SYNTH_DESCRIPTION = """Generate instruction/solution pairs whose answers can be checked exactly.
+
+Tasks: arithmetic ("What is 37 + 45?" -> "82"), reverse (words), sort (words
+alphabetically), convert (units, integer results), lookup (capitals of made-up
+countries given in the prompt), mix (an equal share of each). Writes OUT/train.jsonl
+and OUT/heldout.jsonl ({"task", "instruction", "solution"}, disjoint by question)
+and OUT/preference.jsonl ({"prompt", "chosen", "rejected"}, a wrong answer as
+rejected) from the train split.
+
+example:
+  lmsmith data synth --task mix --n 2000 --out synth/
+  lmsmith finetune MODEL --data synth/train.jsonl --eval-tasks synth/heldout.jsonl
 """
 
 PREPARE_DESCRIPTION = """Read sources, clean them, tokenize them and write token shards + manifest.json.
@@ -60,12 +76,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",
                    help="tokens per shard file at most (default 100M)")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    s = sub.add_parser("synth", help="generate instruction data with checkable answers (for fine-tuning demos)",
+                       description=SYNTH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--task", default="mix", help="arithmetic | reverse | sort | convert | lookup | mix (default: mix)")
+    s.add_argument("--n", type=int, default=2000, help="questions in total (default 2000)")
+    s.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--held-out-fraction", type=float, default=0.1, metavar="F",
+                   help="fraction of questions held out for evaluation (default 0.1)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch the action."""
     if args.action == "prepare":
         return _prepare(args)
+    if args.action == "synth":
+        return _synth(args)
     raise AssertionError(args.action)  # argparse only lets known actions through
 
 
@@ -88,6 +114,17 @@ def _prepare(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"lmsmith: warning: {w.message}", file=sys.stderr)
     print(summary(manifest, args.out))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from ..data.synth import write_synth
+
+    r = write_synth(args.task, args.n, args.out, seed=args.seed, heldout_fraction=args.held_out_fraction)
+    per = ", ".join(f"{t} {n}" for t, n in sorted(r["tasks"].items()))
+    print(f"Generated {r['n_train'] + r['n_heldout']:,} questions ({per}): {r['n_train']:,} in {r['train']}, "
+          f"{r['n_heldout']:,} held out in {r['heldout']}, {r['n_train']:,} preference pairs in "
+          f"{r['preference']}. Next: `lmsmith finetune MODEL --data {r['train']} --eval-tasks {r['heldout']}`.")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-HELP = "perplexity and bits per byte of a model on held-out text"
+HELP = "perplexity and bits per byte of a model on held-out text; exact-match accuracy on tasks"
 DESCRIPTION = """Perplexity and bits per byte of MODEL (an HF directory or .gguf file) on text.
 
 Each --data path is a text file (one document), a folder (its text files), or a
@@ -13,12 +13,19 @@ Each --data path is a text file (one document), a folder (its text files), or a
 than the window are scored with a sliding window: windows of --seq-len tokens
 advance by --stride, so every token is predicted once with at least
 seq_len - stride tokens of context. Bits per byte is comparable across
-tokenizers; perplexity only between models sharing a tokenizer."""
+tokenizers; perplexity only between models sharing a tokenizer.
+
+--tasks FILE (instruction data with answers, e.g. heldout.jsonl from `lmsmith data
+synth`) reports the exact-match accuracy of greedy answers under the chat
+template (compared after strip), per task, with a few examples."""
 
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="model directory (or .gguf file)")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files, folders or .jsonl files")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or .jsonl files")
+    p.add_argument("--tasks", metavar="FILE", help="instruction data with answers (e.g. from `lmsmith data synth`): "
+                                                   "exact-match accuracy of greedy answers, per task")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit for --tasks (default: 32)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--seq-len", type=int, default=None, help="window length in tokens (default: model context)")
     p.add_argument("--stride", type=int, default=None, help="window advance in tokens (default: seq-len / 2)")
@@ -27,6 +34,7 @@ def add_arguments(p) -> None:
                    help="compute precision (default: fp32, exact)")
     p.add_argument("--max-docs", type=int, default=None, help="score at most this many documents")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA or prompt-tuning adapter to apply")
 
 
 def run(args) -> int:
@@ -38,6 +46,16 @@ def run(args) -> int:
     model, tokenizer = load(args.model)
     if tokenizer is None:
         raise LmsmithError(f"{args.model}: no tokenizer.json beside the weights; eval needs the model's tokenizer")
+    if args.adapter:
+        from ..adapters import load_adapter
+
+        model = load_adapter(model, args.adapter, tokenizer)
+    if not args.data and not args.tasks:
+        raise LmsmithError("give --data PATH (perplexity on text) or --tasks FILE (exact-match accuracy), or both")
+    if args.tasks:
+        _tasks(model, tokenizer, args)
+        if not args.data:
+            return 0
     texts = []
     for path in args.data:
         for _, text in iter_documents(Source(name="eval", path=path), text_field=args.text_field):
@@ -60,3 +78,24 @@ def run(args) -> int:
           f"{result.bits_per_byte:.4f} bits/byte over {result.tokens:,} tokens "
           f"({result.bytes:,} bytes, {result.texts} documents) in {time.time() - t0:.1f}s")
     return 0
+
+
+def _tasks(model, tokenizer, args) -> None:
+    """Exact-match accuracy on --tasks: overall, per task, and a few examples (mistakes first)."""
+    from ..data.instruct import read_examples
+    from ..eval.tasks import format_accuracy, task_accuracy
+
+    examples, _ = read_examples(args.tasks)
+    if args.max_docs:
+        examples = examples[: args.max_docs]
+    t0 = time.time()
+    result = task_accuracy(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{args.model}: exact-match accuracy {format_accuracy(result)} on {args.tasks} in {time.time() - t0:.1f}s")
+    for task, d in result["per_task"].items():
+        print(f"  {task:<12} {d['accuracy']:7.1%}  ({d['correct']}/{d['total']})")
+    for ex in result["examples"]:
+        mark = "ok " if ex["correct"] else "bad"
+        print(f"  [{mark}] {ex['prompt']!r} -> {ex['got']!r} (expected {ex['expected']!r})")

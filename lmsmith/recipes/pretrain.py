@@ -11,11 +11,12 @@ topics) in about 10 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 import typing
 from pathlib import Path
+
+from .options import add_train_flags, resolve, train_fields
 
 HELP = "pretrain a model on raw text (default: the built-in Python corpus, ~10 min on 2 CPU cores)"
 DESCRIPTION = """Pretrain a decoder-only model by next-token prediction on raw text.
@@ -65,13 +66,6 @@ DEFAULTS: dict[str, typing.Any] = {
 _SKIP_TRAIN_FIELDS = {"max_steps", "betas", "sample_prompt"}
 
 
-def _train_fields():
-    from ..train import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig) if f.name not in _SKIP_TRAIN_FIELDS]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options (flags override it)")
@@ -94,46 +88,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default: {DEFAULTS['batch_size']})")
     g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {DEFAULTS['seq_len']})")
     g.add_argument("--sample-prompt", help=f"prompt of the samples (default: {DEFAULTS['sample_prompt']!r})")
-    g = p.add_argument_group("optimisation (the training loop's TrainConfig)")
-    for f, tp in _train_fields():
-        flag = "--" + f.name.replace("_", "-")
-        default = DEFAULTS.get(f.name, f.default)
-        doc = f"(default: {default})"
-        if tp is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
-        else:
-            base = tp if tp in (int, float) else str
-            g.add_argument(flag, type=base, default=None, help=doc)
+    add_train_flags(p.add_argument_group("optimisation (the training loop's TrainConfig)"), DEFAULTS,
+                    _SKIP_TRAIN_FIELDS)
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
-    """defaults < YAML file < flags; unknown YAML keys are an error naming the valid ones."""
-    from ..errors import LmsmithError
-
-    opts = dict(DEFAULTS)
-    for f, _ in _train_fields():
-        opts.setdefault(f.name, f.default)
-    if args.config:
-        import yaml
-
-        try:
-            with open(args.config, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise LmsmithError(f"{args.config}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise LmsmithError(f"{args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise LmsmithError(f"{args.config}: expected a mapping of option: value")
-        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
-        unknown = sorted(set(loaded) - set(opts))
-        if unknown:
-            raise LmsmithError(f"{args.config}: unknown option(s) {', '.join(unknown)}; "
-                               f"valid: {', '.join(sorted(opts))}")
-        opts.update(loaded)
-    for key, value in vars(args).items():
-        if key in opts and value is not None:
-            opts[key] = value
+    """defaults < YAML file < flags (see recipes/options.py)."""
+    opts = resolve(args, DEFAULTS, _SKIP_TRAIN_FIELDS)
     if isinstance(opts["source"], str):
         opts["source"] = [opts["source"]]
     return opts
@@ -176,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if opts["tokens"]:
         max_steps = max(1, math.ceil(float(opts["tokens"]) / tokens_per_step))
     warmup = min(int(opts["warmup_steps"]), max(0, max_steps // 10))
-    train_opts = {f.name: opts[f.name] for f, _ in _train_fields()}
+    train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
     train_opts.update(max_steps=max_steps, warmup_steps=warmup, sample_prompt=opts["sample_prompt"])
     config = TrainConfig(**train_opts)
     _save_options(out / "config.yaml", {**opts, "max_steps": max_steps})

@@ -1,0 +1,421 @@
+"""`lmsmith finetune MODEL --data FILE`: SFT or DPO with full, LoRA or prompt tuning, on the one loop.
+
+Read top to bottom: resolve the options (defaults < --config YAML < flags) -> load the
+model and tokenizer -> read and encode the data (chat template, response-only labels,
+optional packing) -> apply the method (full / LoRA / prompt tuning) -> measure
+"before" (task accuracy, reference perplexity) -> the one training loop with the SFT or
+DPO objective -> save (final/ HF directory, or adapter/ in peft format, + merged/) ->
+measure "after" -> summary.
+
+Checkpoints during training are the loop's: the whole (possibly wrapped) model's state
+dict plus train_state/, so `--resume` continues a LoRA or prompt-tuning run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+import typing
+from pathlib import Path
+
+from .options import add_train_flags, resolve, train_fields
+
+HELP = "fine-tune a model on instruction or preference data: full, LoRA or prompt tuning; SFT or DPO"
+DESCRIPTION = """Fine-tune MODEL (any HF directory: a pretrained, fine-tuned or merged model) on
+instruction data (SFT) or preference pairs (DPO), reusing the training loop
+(progress bar, metrics.jsonl, checkpoints, --resume).
+
+Data (--data FILE, JSONL or a JSON array; the format is detected, or set --format):
+  solution    {"instruction", "solution"}          alpaca  {"instruction", "input", "output"}
+  chat        {"messages": [{"role", "content"}]}  completion {"prompt", "completion"}
+  preference  {"prompt", "chosen", "rejected"}     (for --objective dpo)
+Examples are rendered with the model's chat template; the loss covers only the
+assistant turns (and their end-of-turn token). `lmsmith data synth` makes a demo set
+with checkable answers.
+
+Methods: full (all weights; writes OUT/final/), lora (low-rank adapters; writes
+OUT/adapter/ in peft format, and OUT/merged/ with --merge), prompt (a soft prompt of
+--virtual-tokens; writes OUT/adapter/). --adapter PATH continues training an existing
+LoRA adapter. --objective dpo trains on preference pairs against a frozen reference
+(LoRA: the base with the adapter off; full: a frozen copy; prompt: the base without
+the prompt).
+
+Checks: --eval-tasks FILE measures exact-match accuracy before and after;
+--ref-data FILE measures perplexity on reference text before and after, so
+catastrophic forgetting is visible.
+
+example:
+  lmsmith data synth --task mix --n 2000 --out synth/
+  lmsmith finetune runs/pretrain/final --data synth/train.jsonl --method lora \\
+      --eval-tasks synth/heldout.jsonl --out runs/lora"""
+
+METHODS = ("full", "lora", "prompt")
+OBJECTIVES = ("sft", "dpo")
+# Learning rates that work for each method when --lr is not given (adapters need larger steps).
+DEFAULT_LR = {("full", "sft"): 5e-5, ("lora", "sft"): 2e-4, ("prompt", "sft"): 3e-2,
+              ("full", "dpo"): 5e-6, ("lora", "dpo"): 5e-5, ("prompt", "dpo"): 1e-2}
+
+DEFAULTS: dict[str, typing.Any] = {
+    "model": None,
+    "out": "runs/finetune",
+    "data": None,
+    "format": None,
+    "method": "full",
+    "objective": "sft",
+    "pack": False,
+    "skip_bad": False,
+    "seq_len": 512,
+    "batch_size": 8,
+    "epochs": 3.0,
+    "max_steps": None,
+    "resume": False,
+    "overwrite": False,
+    "adapter": None,
+    "merge": False,
+    "lora_r": 8,
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.0,
+    "lora_targets": "q_proj,k_proj,v_proj,o_proj",
+    "virtual_tokens": 20,
+    "prompt_init": None,
+    "prompt_encoder_hidden": None,
+    "beta": 0.1,
+    "eval_tasks": None,
+    "eval_max_new_tokens": 32,
+    "ref_data": None,
+    "lr": None,
+    "weight_decay": 0.0,
+    "warmup_steps": 20,
+    "save_every": 200,
+    "log_every": 10,
+}
+# TrainConfig fields not offered as flags (set through other options or not meaningful here).
+_SKIP_TRAIN_FIELDS = {"max_steps", "betas", "sample_prompt", "sample_every", "sample_tokens", "eval_every",
+                      "eval_batches"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory (HF format: pretrained, fine-tuned or merged)")
+    g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options (flags override it)")
+    g.add_argument("--out", help=f"run folder (default: {DEFAULTS['out']})")
+    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out exactly")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="start afresh even if --out holds a run (its checkpoints are deleted)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="FILE", help="instruction or preference data (.jsonl or .json array)")
+    g.add_argument("--format", help="solution | alpaca | chat | completion | preference (default: detected)")
+    g.add_argument("--pack", action="store_true", default=None,
+                   help="pack several short examples into each --seq-len row (labels never cross examples; "
+                        "attention does)")
+    g.add_argument("--skip-bad", action="store_true", default=None, help="skip and count malformed records")
+    g.add_argument("--seq-len", type=int, help=f"tokens per row; longer examples are cut (default: "
+                                               f"{DEFAULTS['seq_len']}, at most the model's context)")
+    g.add_argument("--batch-size", type=int, help=f"rows per micro-batch (default: {DEFAULTS['batch_size']})")
+    g.add_argument("--epochs", type=float, help=f"passes over the data (default: {DEFAULTS['epochs']:g})")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", help="full | lora | prompt (default: full)")
+    g.add_argument("--objective", help="sft | dpo (default: sft)")
+    g.add_argument("--beta", type=float, help=f"DPO temperature (default: {DEFAULTS['beta']})")
+    g.add_argument("--adapter", metavar="PATH", help="continue training this LoRA adapter (peft format)")
+    g.add_argument("--merge", action="store_true", default=None, help="LoRA: also write OUT/merged/ (HF directory)")
+    g.add_argument("--lora-r", type=int, help=f"LoRA rank (default: {DEFAULTS['lora_r']})")
+    g.add_argument("--lora-alpha", type=float, help=f"LoRA alpha (default: {DEFAULTS['lora_alpha']:g})")
+    g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: 0)")
+    g.add_argument("--lora-targets", help="comma-separated module names, or all-linear (default: attention "
+                                          "projections q_proj,k_proj,v_proj,o_proj)")
+    g.add_argument("--virtual-tokens", type=int, help=f"prompt tuning: soft-prompt length "
+                                                      f"(default: {DEFAULTS['virtual_tokens']})")
+    g.add_argument("--prompt-init", metavar="TEXT", help="prompt tuning: initialise from this text's embeddings")
+    g.add_argument("--prompt-encoder-hidden", type=int, metavar="H",
+                   help="prompt tuning: a P-tuning MLP encoder of this width")
+    g = p.add_argument_group("checks")
+    g.add_argument("--eval-tasks", metavar="FILE", help="exact-match accuracy on these examples before and after")
+    g.add_argument("--eval-max-new-tokens", type=int, help="answer length limit for --eval-tasks (default: 32)")
+    g.add_argument("--ref-data", metavar="FILE", help="reference text: perplexity before and after (forgetting)")
+    add_train_flags(p.add_argument_group("optimisation (the training loop's TrainConfig)"), DEFAULTS,
+                    _SKIP_TRAIN_FIELDS, docs={"lr": "default: per method"})
+
+
+def resolve_options(args: argparse.Namespace) -> dict:
+    """defaults < YAML file < flags; unknown YAML keys and bad choices are errors naming the valid ones."""
+    from ..errors import LmsmithError
+
+    opts = resolve(args, DEFAULTS, _SKIP_TRAIN_FIELDS)
+    if opts["method"] not in METHODS:
+        raise LmsmithError(f"unknown --method {opts['method']!r}; choose one of: {', '.join(METHODS)}")
+    if opts["objective"] not in OBJECTIVES:
+        raise LmsmithError(f"unknown --objective {opts['objective']!r}; choose one of: {', '.join(OBJECTIVES)}")
+    if not opts["data"]:
+        raise LmsmithError("--data FILE is required (instruction or preference data; "
+                           "`lmsmith data synth` makes a demo set)")
+    if opts["adapter"] and opts["method"] != "lora":
+        raise LmsmithError("--adapter continues a LoRA adapter; use it with --method lora")
+    if opts["lr"] is None:
+        opts["lr"] = DEFAULT_LR[(opts["method"], opts["objective"])]
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load
+    from ..data.instruct import InstructBatches, encode_preference, encode_sft, pack, pad_id_of, read_examples
+    from ..errors import LmsmithError
+    from ..train import TrainConfig, train
+    from ..train.dpo import dpo_objective, sft_objective
+
+    t_start = time.time()
+    opts = resolve_options(args)
+    out = Path(opts["out"])
+    dpo = opts["objective"] == "dpo"
+
+    # ---- data first: a typo in the data fails before a big model loads ---------------------------
+    examples, read_stats = read_examples(opts["data"], opts["format"], skip_bad=bool(opts["skip_bad"]))
+    is_pref = read_stats.format == "preference"
+    if dpo and not is_pref:
+        raise LmsmithError(f"{opts['data']}: --objective dpo needs preference data "
+                           f"({{prompt, chosen, rejected}}), got format '{read_stats.format}'")
+    if not dpo and is_pref:
+        raise LmsmithError(f"{opts['data']}: preference data trains with --objective dpo "
+                           "(or give SFT data: instruction/solution, chat, ...)")
+    eval_examples = read_examples(opts["eval_tasks"])[0] if opts["eval_tasks"] else None
+    ref_texts = _ref_texts(opts["ref_data"]) if opts["ref_data"] else None
+
+    ckpts = out / "checkpoints"
+    if ckpts.exists() and any(ckpts.iterdir()) and not opts["resume"]:
+        if not opts["overwrite"]:
+            raise LmsmithError(f"{out} already holds a run; pass --resume to continue it, "
+                               "--out NEWDIR for a new one, or --overwrite to start afresh")
+        shutil.rmtree(ckpts)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- model ------------------------------------------------------------------------------------
+    base, tokenizer = load(opts["model"])
+    if tokenizer is None:
+        raise LmsmithError(f"{opts['model']}: no tokenizer.json beside the weights; fine-tuning needs the "
+                           "model's tokenizer and chat template")
+    if opts["method"] == "full":
+        base.float()  # fp32 master weights: AdamW on bf16 weights rounds small updates away
+    # LoRA / prompt tuning keep the frozen base in its own dtype (the memory saving); adapters are fp32.
+    seq_len = min(int(opts["seq_len"]), base.config.max_seq_len)
+
+    # ---- encode -------------------------------------------------------------------------------------
+    room = seq_len - (opts["virtual_tokens"] if opts["method"] == "prompt" else 0)
+    if room < 2:
+        raise LmsmithError(f"--seq-len {seq_len} leaves no room after {opts['virtual_tokens']} virtual tokens")
+    if dpo:
+        items, enc = encode_preference(examples, tokenizer, room)
+    else:
+        items, enc = encode_sft(examples, tokenizer, room)
+        if opts["pack"]:
+            items = pack(items, room)
+    batches = InstructBatches(items, int(opts["batch_size"]), seed=int(opts["seed"]), pad_id=pad_id_of(tokenizer))
+    max_steps = opts["max_steps"]
+    if not max_steps:
+        max_steps = max(1, math.ceil(float(opts["epochs"]) * batches.batches_per_epoch / int(opts["grad_accum"])))
+    bad = f", {read_stats.bad_lines} malformed skipped" if read_stats.bad_lines else ""
+    print(f"data: {opts['data']} ({read_stats.format}{bad}): {enc.describe()}"
+          + (f"; packed into {len(items):,} rows" if opts["pack"] and not dpo else ""))
+
+    # ---- method ---------------------------------------------------------------------------------------
+    import torch
+
+    torch.manual_seed(int(opts["seed"]))  # LoRA's A and the soft prompt's rows are drawn here: same seed, same run
+    model, trainable, reference_context, reference, method_desc, lora_cfg = _apply_method(opts, base, tokenizer)
+    n_trainable = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if dpo:
+        objective = dpo_objective(float(opts["beta"]), reference=reference, reference_context=reference_context)
+    else:
+        objective = sft_objective
+
+    # ---- before ----------------------------------------------------------------------------------------
+    max_new = int(opts["eval_max_new_tokens"])
+    acc_before = _accuracy(model, tokenizer, eval_examples, max_new) if eval_examples else None
+    ppl_before = _ppl(model, tokenizer, ref_texts, seq_len) if ref_texts else None
+    if acc_before:
+        print(f"accuracy before: {_fmt_acc(acc_before)}")
+    if ppl_before:
+        print(f"reference perplexity before: {ppl_before:.3f}")
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    warmup = min(int(opts["warmup_steps"]), max(0, max_steps // 10))
+    train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
+    train_opts.update(max_steps=max_steps, warmup_steps=warmup)
+    config = TrainConfig(**train_opts)
+    _save_options(out / "config.yaml", {**opts, "max_steps": max_steps})
+    print(f"lmsmith finetune: {opts['method']} {opts['objective']} of {opts['model']}; {method_desc}; "
+          f"{max_steps:,} steps x {opts['batch_size']} x {opts['grad_accum']}; run folder {out}")
+    result = train(model, batches, objective, config, out_dir=out, tokenizer=tokenizer,
+                   resume=bool(opts["resume"]), trainable_params=trainable)
+
+    # ---- save ------------------------------------------------------------------------------------------------
+    written = _save_outputs(opts, out, model, tokenizer, lora_cfg, result)
+
+    # ---- after and summary ---------------------------------------------------------------------------------------
+    acc_after = _accuracy(model, tokenizer, eval_examples, max_new) if eval_examples else None
+    ppl_after = _ppl(model, tokenizer, ref_texts, seq_len) if ref_texts else None
+    lines = [f"Fine-tuned {opts['model']} with {opts['method']} {opts['objective'].upper()}: "
+             f"{n_trainable:,} trainable of {n_total:,} parameters ({100 * n_trainable / max(n_total, 1):.3g}%), "
+             f"{result.steps:,} steps in {(time.time() - t_start) / 60:.1f} min"
+             + (f", final loss {result.final_loss:.4f}." if result.final_loss is not None else ".")]
+    if dpo:
+        last = next((r for r in reversed(_rows(out)) if "reward_margin" in r), None)
+        if last:
+            lines.append(f"DPO reward margin {last['reward_margin']:.3f}, "
+                         f"accuracy {last['reward_accuracy']:.0%}.")
+    if acc_after:
+        before = f"{_fmt_acc(acc_before)} -> " if acc_before else ""
+        lines.append(f"Task accuracy {before}{_fmt_acc(acc_after)}.")
+    if ppl_after:
+        before = f"{ppl_before:.3f} -> " if ppl_before else ""
+        change = f" ({100 * (ppl_after / ppl_before - 1):+.1f}%)" if ppl_before else ""
+        lines.append(f"Reference perplexity {before}{ppl_after:.3f}{change}.")
+    if result.interrupted:
+        lines.append(f"Interrupted: continue with `lmsmith finetune {opts['model']} --data {opts['data']} "
+                     f"--method {opts['method']} --out {out} --resume`.")
+    lines.append(f"Wrote {', '.join(str(w) for w in written)}; metrics in {out / 'metrics.jsonl'}.")
+    lines.append(_next_commands(opts, written))
+    print("\n" + " ".join(lines))
+    if acc_after:
+        for ex in acc_after["examples"]:
+            mark = "ok " if ex["correct"] else "bad"
+            print(f"  [{mark}] {ex['prompt']!r} -> {ex['got']!r} (expected {ex['expected']!r})")
+    return 130 if result.interrupted else 0
+
+
+def _apply_method(opts: dict, base, tokenizer):
+    """(model to train, trainable params, reference context, reference model, description, LoraConfig)."""
+    import copy
+
+    method, dpo = opts["method"], opts["objective"] == "dpo"
+    if method == "full":
+        reference = None
+        if dpo:
+            reference = copy.deepcopy(base).eval()  # frozen copy: DPO's reference for full fine-tuning
+            for p in reference.parameters():
+                p.requires_grad_(False)
+        trainable = [p for p in {id(p): p for p in base.parameters()}.values()]
+        return base, trainable, None, reference, f"{base.num_params() / 1e6:.1f}M params", None
+    if method == "lora":
+        from ..adapters import LoraConfig, apply_lora, load_lora, lora_disabled, lora_parameters, lora_summary
+
+        if opts["adapter"]:
+            cfg = load_lora(base, opts["adapter"])  # continue training an existing adapter
+            for p in base.parameters():
+                p.requires_grad_(False)
+            trainable = lora_parameters(base)
+            for p in trainable:
+                p.requires_grad_(True)
+        else:
+            targets = opts["lora_targets"]
+            targets = targets if targets == "all-linear" else [t.strip() for t in str(targets).split(",") if t.strip()]
+            cfg = LoraConfig(r=int(opts["lora_r"]), alpha=float(opts["lora_alpha"]),
+                             dropout=float(opts["lora_dropout"]), target_modules=targets)
+            trainable = apply_lora(base, cfg)
+        print(lora_summary(base, cfg))
+        return base, trainable, (lora_disabled if dpo else None), None, f"LoRA r={cfg.r}", cfg
+    from ..adapters import PromptTuningConfig, apply_prompt_tuning
+
+    pcfg = PromptTuningConfig(n_virtual_tokens=int(opts["virtual_tokens"]), init_text=opts["prompt_init"],
+                              encoder_hidden=opts["prompt_encoder_hidden"])
+    wrapped = apply_prompt_tuning(base, pcfg, tokenizer)
+    trainable = wrapped.prompt_parameters()
+    # The reference for DPO is the wrapped base without the prompt (frozen already; no copy).
+    reference = base if dpo else None
+    print(f"prompt tuning: {pcfg.n_virtual_tokens} virtual tokens, {sum(p.numel() for p in trainable):,} "
+          f"trainable parameters; base frozen")
+    return wrapped, trainable, None, reference, f"{pcfg.n_virtual_tokens} virtual tokens", None
+
+
+def _save_outputs(opts: dict, out: Path, model, tokenizer, lora_cfg, result) -> list[Path]:
+    """full: the loop's final/; lora/prompt: adapter/ (+ merged/), replacing the loop's final/, which holds
+    the wrapped state dict (LoRA's `base_layer` names, the soft prompt) that other tools cannot read."""
+    import copy
+
+    from ..checkpoint import save
+
+    if result.interrupted:
+        return [result.checkpoint] if result.checkpoint else []
+    if opts["method"] == "full":
+        return [result.final_dir]
+    if result.final_dir is not None and result.final_dir.exists():
+        shutil.rmtree(result.final_dir)
+    adapter = out / "adapter"
+    written = [adapter]
+    if opts["method"] == "lora":
+        from ..adapters import merge_lora, save_lora
+
+        save_lora(model, lora_cfg, adapter, base_model_name_or_path=str(opts["model"]))
+        tokenizer.save(adapter)
+        if opts["merge"]:
+            merged = merge_lora(copy.deepcopy(model))
+            save(merged, tokenizer, out / "merged")
+            written.append(out / "merged")
+    else:
+        from ..adapters import save_prompt_tuning
+
+        save_prompt_tuning(model, adapter, base_model_name_or_path=str(opts["model"]))
+        tokenizer.save(adapter)
+    return written
+
+
+def _next_commands(opts: dict, written: list[Path]) -> str:
+    if not written:
+        return ""
+    first = written[-1] if opts["method"] == "lora" and opts["merge"] else written[0]
+    task = f" --tasks {opts['eval_tasks']}" if opts["eval_tasks"] else " --tasks FILE"
+    if opts["method"] == "full" or first.name == "merged":
+        return f"Next: `lmsmith chat {first}`, `lmsmith eval {first}{task}`."
+    return (f"Next: `lmsmith chat {opts['model']} --adapter {first}`, "
+            f"`lmsmith eval {opts['model']} --adapter {first}{task}`.")
+
+
+def _accuracy(model, tokenizer, examples, max_new_tokens: int) -> dict:
+    from ..eval.tasks import task_accuracy
+
+    return task_accuracy(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+
+
+def _fmt_acc(result: dict) -> str:
+    from ..eval.tasks import format_accuracy
+
+    return format_accuracy(result)
+
+
+def _ref_texts(path: str) -> list[str]:
+    from ..data.sources import Source, iter_documents
+    from ..errors import LmsmithError
+
+    if not Path(path).exists():
+        raise LmsmithError(f"{path}: no such reference text (--ref-data)")
+    texts = [t for _, t in iter_documents(Source(name="ref", path=path)) if t.strip()]
+    if not texts:
+        raise LmsmithError(f"{path}: no text found for --ref-data")
+    return texts
+
+
+def _ppl(model, tokenizer, texts: list[str], seq_len: int) -> float:
+    from ..eval import perplexity
+
+    was_training = model.training
+    try:
+        return perplexity(model, tokenizer, texts, seq_len=min(seq_len, model.config.max_seq_len)).perplexity
+    finally:
+        model.train(was_training)
+
+
+def _rows(out: Path) -> list[dict]:
+    import json
+
+    f = out / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
+def _save_options(path: Path, opts: dict) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump({k: v for k, v in opts.items()}, sort_keys=True))
+

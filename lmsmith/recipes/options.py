@@ -1,0 +1,75 @@
+"""Options shared by the training recipes: flags generated from TrainConfig, and
+defaults < --config YAML < flags resolution with clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from ..errors import LmsmithError
+
+
+def train_fields(skip: set[str]) -> list[tuple[dataclasses.Field, type]]:
+    """TrainConfig's fields (and their resolved types) that a recipe offers as flags."""
+    from ..train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig) if f.name not in skip]
+
+
+def field_docs() -> dict[str, str]:
+    """TrainConfig's per-field descriptions, read from its docstring's `Attributes:` section."""
+    import re
+
+    from ..train import TrainConfig
+
+    docs: dict[str, str] = {}
+    for names, text in re.findall(r"^\s{8}([\w, ]+): (.+(?:\n\s{12}.+)*)", TrainConfig.__doc__ or "", re.M):
+        for name in names.split(","):
+            docs[name.strip()] = " ".join(text.split())
+    return docs
+
+
+def add_train_flags(group, defaults: dict, skip: set[str], docs: dict[str, str] | None = None) -> None:
+    """One flag per TrainConfig field: --lr, --warmup-steps, --dtype, --compile/--no-compile, ..."""
+    described = field_docs()
+    for f, tp in train_fields(skip):
+        flag = "--" + f.name.replace("_", "-")
+        default = (docs or {}).get(f.name, f"default: {defaults.get(f.name, f.default)}")
+        doc = f"{described.get(f.name, '')} ({default})".strip().replace("%", "%%")
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        else:
+            # `float | None` (peak_flops) takes a float; anything else non-numeric a string.
+            base = next((t for t in (tp, *typing.get_args(tp)) if t in (int, float)), str)
+            group.add_argument(flag, type=base, default=None, help=doc)
+
+
+def resolve(args: argparse.Namespace, defaults: dict, skip: set[str]) -> dict:
+    """defaults < YAML file (args.config) < flags; unknown YAML keys are an error naming the valid ones."""
+    opts = dict(defaults)
+    for f, _ in train_fields(skip):
+        opts.setdefault(f.name, f.default)
+    if getattr(args, "config", None):
+        import yaml
+
+        try:
+            with open(args.config, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise LmsmithError(f"{args.config}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise LmsmithError(f"{args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise LmsmithError(f"{args.config}: expected a mapping of option: value")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - set(opts))
+        if unknown:
+            raise LmsmithError(f"{args.config}: unknown option(s) {', '.join(unknown)}; "
+                               f"valid: {', '.join(sorted(opts))}")
+        opts.update(loaded)
+    for key, value in vars(args).items():
+        if key in opts and value is not None:
+            opts[key] = value
+    return opts

@@ -1,0 +1,147 @@
+"""`lmsmith finetune` end to end on a tiny model and synthetic tasks: SFT learns, DPO moves the margin,
+LoRA resumes exactly, prompt tuning leaves the base untouched, the forgetting check reports, errors are one line."""
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from lmsmith.checkpoint import load, save
+from lmsmith.cli import main
+from lmsmith.config import ModelConfig
+from lmsmith.data import synth
+from lmsmith.model import build_model
+from lmsmith.tokenizer import Tokenizer
+
+COMMON = ("--dtype", "fp32", "--no-progress", "--seq-len", "64", "--peak-flops", "1e12")
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """3-word reversal: 600 train / 60 held-out questions, preference pairs, and an untrained tiny model
+    whose tokenizer was trained on the task text (characters and a few merges)."""
+    root = tmp_path_factory.mktemp("task")
+    rng = random.Random(0)
+    qs = {}
+    while len(qs) < 660:
+        q, a, wrong = synth._reverse(rng, (3, 3))
+        qs[q] = (a, wrong)
+    rows = [{"task": "reverse", "instruction": q, "solution": a} for q, (a, _) in qs.items()]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:600]))
+    (root / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[600:]))
+    prefs = [{"prompt": q, "chosen": a, "rejected": w} for q, (a, w) in list(qs.items())[:32]]
+    (root / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    (root / "ref.txt").write_text("Reverse the words: cat dog sun. The owl and the wolf sat under a tree.\n")
+    tok = Tokenizer.train([f"{q}\n{a}" for q, (a, _) in qs.items()] * 3, vocab_size=300, show_progress=False)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192,
+                      max_seq_len=64, tie_embeddings=True)
+    save(build_model(cfg, seed=0), tok, root / "model")
+    return root
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_raises_heldout_exact_match_accuracy(task, tmp_path, capsys):
+    out = tmp_path / "sft"
+    rc = main(["finetune", str(task / "model"), "--data", str(task / "train.jsonl"), "--method", "full",
+               "--eval-tasks", str(task / "heldout.jsonl"), "--eval-max-new-tokens", "24", "--out", str(out),
+               "--lr", "3e-3", "--max-steps", "300", "--batch-size", "32", "--warmup-steps", "10",
+               "--save-every", "0", "--log-every", "50", *COMMON])
+    assert rc == 0
+    text = capsys.readouterr().out
+    m = re.search(r"Task accuracy ([\d.]+)% \(\d+/60\) -> ([\d.]+)% \((\d+)/60\)", text)
+    assert m, text
+    before, after = float(m.group(1)), float(m.group(2))
+    assert before == 0.0 and after >= 5.0, text  # from nothing to measurably right on unseen questions
+    assert (out / "final" / "model.safetensors").exists()
+    assert "lmsmith chat" in text
+
+
+def test_dpo_with_lora_raises_the_margin_and_reports_forgetting(task, tmp_path, capsys):
+    out = tmp_path / "dpo"
+    rc = main(["finetune", str(task / "model"), "--data", str(task / "pref.jsonl"), "--objective", "dpo",
+               "--method", "lora", "--lora-r", "4", "--lr", "5e-3", "--max-steps", "15", "--batch-size", "32",
+               "--warmup-steps", "0", "--log-every", "1", "--save-every", "0", "--beta", "0.5",
+               "--ref-data", str(task / "ref.txt"), "--out", str(out), *COMMON])
+    assert rc == 0
+    text = capsys.readouterr().out
+    margins = [r["reward_margin"] for r in _rows(out) if "reward_margin" in r]
+    assert abs(margins[0]) < 1e-6  # LoRA's B starts at zero: the policy equals the reference
+    assert margins[-1] > 0.1 and sum(margins[-3:]) > sum(margins[:3])
+    assert [r["reward_accuracy"] for r in _rows(out) if "reward_accuracy" in r][-1] > 0.5
+    assert re.search(r"Reference perplexity [\d.]+ -> [\d.]+ \([+-][\d.]+%\)", text), text
+    assert (out / "adapter" / "adapter_config.json").exists() and not (out / "final").exists()
+
+
+def test_lora_resume_equals_uninterrupted_run(task, tmp_path, monkeypatch):
+    def args(out, *extra):
+        return ["finetune", str(task / "model"), "--data", str(task / "train.jsonl"), "--method", "lora",
+                "--lora-r", "4", "--lr", "1e-2", "--max-steps", "10", "--batch-size", "8", "--warmup-steps", "2",
+                "--save-every", "3", "--log-every", "1", "--out", str(out), *COMMON, *extra]
+
+    full = tmp_path / "full"
+    assert main(args(full)) == 0
+    from lmsmith.data.instruct import InstructBatches
+
+    original, calls = InstructBatches.__next__, {"n": 0}
+
+    def interrupt_at_7(self):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return original(self)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(InstructBatches, "__next__", interrupt_at_7)
+    assert main(args(part)) == 130
+    monkeypatch.setattr(InstructBatches, "__next__", original)
+    assert main(args(part, "--resume")) == 0
+    a = {r["step"]: r["loss"] for r in _rows(full) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in _rows(part) if "loss" in r}
+    assert len(a) == 10 and a == b  # bit-exact, fp32
+    from safetensors.torch import load_file
+
+    wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_prompt_tuning_leaves_base_weights_bit_identical(task, tmp_path, monkeypatch):
+    import lmsmith.train as train_mod
+
+    seen = {}
+    real_train = train_mod.train
+
+    def spy(model, *a, **k):
+        seen["model"], seen["init"] = model, model.prompt_embeddings.weight.detach().clone()
+        return real_train(model, *a, **k)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    out = tmp_path / "prompt"
+    rc = main(["finetune", str(task / "model"), "--data", str(task / "train.jsonl"), "--method", "prompt",
+               "--virtual-tokens", "4", "--lr", "3e-2", "--max-steps", "6", "--batch-size", "8",
+               "--warmup-steps", "0", "--save-every", "0", "--out", str(out), *COMMON])
+    assert rc == 0
+    base, _ = load(task / "model")
+    trained = seen["model"].base.state_dict()
+    assert all(torch.equal(t, trained[k]) for k, t in base.state_dict().items())
+    assert not torch.equal(seen["model"].prompt_embeddings.weight, seen["init"])  # the soft prompt trained
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size < 10_000
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (("--data", "nope.jsonl"), "nope.jsonl: no such data file"),
+    (("--data", "BAD"), "bad.jsonl:2: not valid JSON"),
+    (("--data", "GOOD", "--method", "qlora"), "unknown --method 'qlora'"),
+])
+def test_cli_bad_input_is_one_line_exit_1(task, tmp_path, capsys, extra, expect):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "solution": "b"}\n{oops\n')
+    extra = [str(bad) if e == "BAD" else str(task / "train.jsonl") if e == "GOOD" else e for e in extra]
+    rc = main(["finetune", str(task / "model"), *extra, "--out", str(tmp_path / "o"), *COMMON])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and expect in err and len(err.splitlines()) == 1, err
