@@ -114,6 +114,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None and mask is None and T > 1 and torch.is_grad_enabled() and _fits(B, self.n_heads, T):
+            return self.o_proj(_causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
         # enable_gqa lets SDPA share each K/V head across its query group without
@@ -122,6 +124,43 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# Training at short context: explicit attention beats the CPU flash kernel (~15% of a
+# `small` step) but materialises (B, H, T, T) scores, so it is used only below this size.
+_EXPLICIT_ATTENTION_MAX_BYTES = 256 * 2**20
+
+
+def _fits(B: int, H: int, T: int) -> bool:
+    return B * H * T * T * 4 <= _EXPLICIT_ATTENTION_MAX_BYTES
+
+
+_CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh) + causal) v for q (B, H, T, Dh), k/v (B, K, T, Dh) -> (B, H, T, Dh).
+
+    Each K/V head serves its group of H/K query heads through one batched matmul,
+    without repeating K/V: q is viewed as (B, K, H/K * T, Dh).
+    """
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    rep = H // K
+    key = (T, q.device, q.dtype)
+    if key not in _CAUSAL_BIAS:
+        _CAUSAL_BIAS[key] = torch.full((T, T), float("-inf"), device=q.device).triu(1).to(q.dtype)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    scores = (q.reshape(B, K, rep * T, D) @ k.transpose(-1, -2)).view(B, K, rep, T, T)
+    probs = torch.softmax(scores * D**-0.5 + _CAUSAL_BIAS[key], dim=-1)
+    return (probs.view(B, K, rep * T, T) @ v).view(B, H, T, D)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype inside autocast, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class MLP(nn.Module):
@@ -199,7 +238,7 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, _compute_dtype(x))
         mask = _attention_mask(attention_mask, B, T, past, x.device)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache, i)

@@ -183,3 +183,19 @@ def test_build_is_seeded_and_dtype():
     c = build_model(tiny_cfg(), seed=3, dtype=torch.bfloat16)
     assert c.lm_head.weight.dtype == torch.bfloat16
     assert c(ids(4)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_training_attention_path_equals_sdpa(n_kv_heads):
+    """With gradients on, short sequences take the explicit attention path; it must equal SDPA's."""
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, hidden_dim=64,
+                      max_seq_len=32)
+    model = build_model(cfg, seed=0)
+    x = torch.randint(0, 64, (3, 17))
+    with torch.no_grad():
+        reference = model(x)  # SDPA
+    trained = model(x)  # explicit path (grad enabled)
+    assert trained.requires_grad
+    torch.testing.assert_close(trained, reference, atol=1e-5, rtol=1e-5)
+    trained.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

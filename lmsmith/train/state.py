@@ -16,11 +16,9 @@ looks like a checkpoint: every `step-*` folder is complete.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,6 @@ from safetensors.torch import load_file, save_file
 from ..errors import LmsmithError
 
 STEP_RE = re.compile(r"^step-(\d{7,})$")
-TMP_PREFIX = ".tmp-"
 
 
 def step_dir_name(step: int) -> str:
@@ -121,77 +118,11 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 # ---- writing a checkpoint ---------------------------------------------------------------
 
 
-def _checkpoint_save():
-    """lmsmith.checkpoint.save if it supports `extra=` (the atomic add-on hook), else None."""
-    try:
-        from ..checkpoint import save
-    except ImportError:
-        return None
-    import inspect
-
-    return save if "extra" in inspect.signature(save).parameters else None
-
-
 def save_model(model, tokenizer, path: Path) -> Path:
     """Write the final model as an HF directory, atomically."""
-    save = _checkpoint_save()
-    if save is not None:
-        return save(model, tokenizer, path)
-    return atomic_dir(path, lambda tmp: _save_model(model, tokenizer, tmp))
+    from ..checkpoint import save
 
-
-def _save_model(model, tokenizer, path: Path) -> None:
-    """The HF directory: lmsmith.checkpoint.save when present, else a minimal writer."""
-    save = _checkpoint_save()
-    if save is not None:
-        save(model, tokenizer, str(path))
-        return
-    # Fallback until lmsmith.checkpoint lands: config.json + model.safetensors.
-    path.mkdir(parents=True, exist_ok=False)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
-    if tokenizer is not None:
-        tokenizer.save(str(path))
-
-
-def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` to fill a fresh temporary folder beside `final`, then rename it into place.
-
-    `write` receives a path that does not exist yet (it creates it). On any
-    exception the temporary folder is removed and `final` is untouched.
-    """
-    final = Path(final)
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if final.exists():
-            # Overwriting a checkpoint of the same step: move the old one aside first.
-            old = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    return save(model, tokenizer, path)
 
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model, tokenizer, optimizer, config: dict,
@@ -225,18 +156,12 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, tokenizer, optimizer, 
         save_file(rng_tensors, str(ts / "rng.safetensors"))
         (ts / "state.json").write_text(state_json)
 
+    from ..checkpoint import save
+
     final = ckpt_root / step_dir_name(step)
-    save = _checkpoint_save()
-    if save is not None:
-        # One atomic write for the HF files and train_state/ together.
-        save(model, tokenizer, final, extra=write_train_state)
-        return final
-
-    def write(tmp: Path) -> None:
-        _save_model(model, tokenizer, tmp)
-        write_train_state(tmp)
-
-    return atomic_dir(final, write)
+    # One atomic write for the HF files and train_state/ together.
+    save(model, tokenizer, final, extra=write_train_state)
+    return final
 
 
 # ---- finding and reading checkpoints ----------------------------------------------------
@@ -272,8 +197,8 @@ def clean_temporaries(ckpt_root: Path) -> None:
     ckpt_root = Path(ckpt_root)
     if ckpt_root.is_dir():
         for p in ckpt_root.iterdir():
-            # Ours (".tmp-step-...") and lmsmith.checkpoint's ("step-....tmp-XXXX").
-            if p.name.startswith(TMP_PREFIX) or re.match(r"^step-\d+\.tmp-", p.name):
+            # checkpoint.save writes into "step-XXXXXXX.tmp-XXXX" and renames it when complete.
+            if re.match(r"^step-\d+\.tmp-", p.name):
                 shutil.rmtree(p, ignore_errors=True)
 
 
