@@ -271,6 +271,12 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std, generator=generator)
         self.inv_freq = rope_inv_freq(self.config, device=self.inv_freq.device)
 
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) / .half() would round the rotary frequencies too; they stay fp32 on the new device.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config, device=self.inv_freq.device)
+        return self
+
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after materialising from the meta device)."""
         self.inv_freq = rope_inv_freq(self.config, device=self.model.embed_tokens.weight.device)
@@ -307,10 +313,10 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = "cpu", dty
         model = Transformer(cfg)
     if not init or device is None:
         return model
+    if dtype is not None:
+        model.to(dtype)  # still on meta: the weights are then allocated once, in their final dtype
     model.to_empty(device=device)
     model.tie_weights()
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     model.init_weights(generator=gen)
-    if dtype is not None:
-        model.to(dtype)
     return model

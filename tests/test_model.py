@@ -199,3 +199,15 @@ def test_training_attention_path_equals_sdpa(n_kv_heads):
     torch.testing.assert_close(trained, reference, atol=1e-5, rtol=1e-5)
     trained.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_half_precision_keeps_rotary_frequencies_fp32():
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32,
+                      rope_theta=500000.0)
+    exact = build_model(cfg, seed=0).inv_freq.clone()
+    direct = build_model(cfg, seed=0, dtype=torch.bfloat16)
+    assert direct.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    cast = build_model(cfg, seed=0).to(torch.bfloat16)
+    for m in (direct, cast, cast.half()):
+        assert m.inv_freq.dtype == torch.float32
+        torch.testing.assert_close(m.inv_freq, exact, rtol=0, atol=0)
