@@ -301,22 +301,17 @@ def test_jsonl_gz_with_text_field(tmp_path):
 
 
 def test_parquet_source_and_missing_extra(tmp_path, monkeypatch):
+    import pyarrow as pa  # a dev dependency: the Parquet path is tested for real
+    import pyarrow.parquet as pq
+
     f = tmp_path / "data.parquet"
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        pa = None
-    if pa is not None:
-        docs = [_doc(i) for i in range(5)]
-        pq.write_table(pa.table({"text": docs + [None], "n": list(range(6))}), f)
-        with pytest.raises(LmsmithError, match="row 6"):
-            prepare([f"p={f}"], ByteTok(), tmp_path / "out", progress=False)
-        m = prepare([f"p={f}"], ByteTok(), tmp_path / "out", skip_bad=True, val_fraction=0, progress=False)
-        assert m["sources"][0]["documents"] == 5 and m["sources"][0]["bad_lines"] == 1
-        assert _split_sets(tmp_path / "out", ByteTok(), "p")["train"] == set(docs)
-    else:
-        f.write_bytes(b"PAR1")
+    docs = [_doc(i) for i in range(5)]
+    pq.write_table(pa.table({"text": docs + [None], "n": list(range(6))}), f)
+    with pytest.raises(LmsmithError, match="row 6"):
+        prepare([f"p={f}"], ByteTok(), tmp_path / "out", progress=False)
+    m = prepare([f"p={f}"], ByteTok(), tmp_path / "out", skip_bad=True, val_fraction=0, progress=False)
+    assert m["sources"][0]["documents"] == 5 and m["sources"][0]["bad_lines"] == 1
+    assert _split_sets(tmp_path / "out", ByteTok(), "p")["train"] == set(docs)
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(LmsmithError, match=r"pip install 'lmsmith\[parquet\]'"):
