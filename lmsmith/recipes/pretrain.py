@@ -54,6 +54,7 @@ DEFAULTS: dict[str, typing.Any] = {
     "resume": False,
     "overwrite": False,
     "sample_prompt": "def ",
+    "sample_every": 500,
     "lr": 2e-3,
     "warmup_steps": 100,
     "eval_every": 250,
