@@ -131,22 +131,17 @@ def decode_bytes(data: bytes) -> tuple[str, int]:
 
     Returns (text, number of bytes replaced).
     """
-    text = data.decode("utf-8-sig", errors="surrogateescape")
-    if not _ESCAPED.search(text):
-        return text, 0
-    n = 0
-
-    def _sub(m: re.Match) -> str:
-        nonlocal n
-        n += len(m.group(0))
-        return "\ufffd"
-
-    return _ESCAPED.sub(_sub, text), n
+    return _replace_counting(_ESCAPED, data.decode("utf-8-sig", errors="surrogateescape"))
 
 
 def fix_surrogates(text: str) -> tuple[str, int]:
     """Replace lone surrogates (unencodable in UTF-8) by U+FFFD; returns (text, code points replaced)."""
-    if not _SURROGATES.search(text):
+    return _replace_counting(_SURROGATES, text)
+
+
+def _replace_counting(pattern: re.Pattern, text: str) -> tuple[str, int]:
+    """Replace each run matching `pattern` by one U+FFFD; return (text, code points replaced)."""
+    if not pattern.search(text):
         return text, 0
     n = 0
 
@@ -155,7 +150,7 @@ def fix_surrogates(text: str) -> tuple[str, int]:
         n += len(m.group(0))
         return "\ufffd"
 
-    return _SURROGATES.sub(_sub, text), n
+    return pattern.sub(_sub, text), n
 
 
 def is_binary(path: str | os.PathLike, head: bytes | None = None) -> bool:
