@@ -51,10 +51,18 @@ def build_default(preset_name: str, seed: int = 0):
     return build_model(preset(preset_name, vocab_size=vocab), seed=seed), tok
 
 
-def eval_texts(max_chars: int) -> list[str]:
-    import pydoc_data.topics
+def eval_texts(max_chars: int, paths: list[str] | None = None) -> list[str]:
+    """Held-out text: the given files/folders/.jsonl (read as `lmsmith eval --data` reads them),
+    else the last 10 pydoc topics (which a model pretrained on the default corpus has seen)."""
+    if paths:
+        from lmsmith.data.sources import Source, iter_documents
 
-    text = "\n".join(list(pydoc_data.topics.topics.values())[-10:])
+        docs = [t for p in paths for _, t in iter_documents(Source(name="eval", path=p))]
+        text = "\n".join(docs)
+    else:
+        import pydoc_data.topics
+
+        text = "\n".join(list(pydoc_data.topics.topics.values())[-10:])
     return [text[:max_chars]]
 
 
@@ -108,6 +116,8 @@ def main() -> int:
     ap.add_argument("--preset", default="base", help="preset shape when no --model (default: base)")
     ap.add_argument("--llama-quantize", help="path of llama.cpp's llama-quantize binary")
     ap.add_argument("--max-chars", type=int, default=20000, help="eval text length (default: 20000)")
+    ap.add_argument("--eval-text", nargs="+", metavar="PATH",
+                    help="held-out text files/folders/.jsonl (default: the last 10 pydoc topics)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--workdir", default=None)
@@ -132,7 +142,7 @@ def main() -> int:
     if not lq:
         print("llama-quantize not found (give --llama-quantize PATH; see the docstring to build it): "
               "its column is skipped")
-    texts = eval_texts(args.max_chars)
+    texts = eval_texts(args.max_chars, args.eval_text)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qbench-"))
     work.mkdir(parents=True, exist_ok=True)
 
