@@ -13,7 +13,9 @@ squared error, and only then are those sub-block scales themselves quantized
 follow llama.cpp's reference quantizers (`make_qkx2_quants` for the
 scale+min formats, `make_qx_quants` / `make_q3_quants` for the symmetric ones);
 the only Python loops are over the fixed list of candidate scales (or the 16
-positions of a sub-block), never over blocks.
+positions of a sub-block), never over blocks. The candidate loops keep just the
+winning candidate per group (its levels are recomputed once at the end) and
+reuse preallocated work arrays.
 """
 
 from __future__ import annotations
@@ -81,38 +83,61 @@ def _search_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
 
     iscale = nmax * inv_range
     scale = _safe_inv(iscale)
-    L = np.clip(np.rint(xs * iscale[:, None]), 0, nmax)
-    best = _rowdot(w, np.square(scale[:, None] * L + mn[:, None] - x))
-    best_min = mn.copy()
+    cand = np.multiply(xs, iscale[:, None])
+    np.rint(cand, out=cand)
+    np.clip(cand, 0, nmax, out=cand)
+    wl = np.empty_like(cand)
+    wl64 = np.empty(cand.shape, np.float64)
+    ones = np.ones(x.shape[-1])
+    d = scale[:, None] * cand + mn[:, None] - x
+    best = _rowdot(w, np.square(d, out=d)).astype(np.float64)
+    best_min = mn.astype(np.float64)
+    best_mult = iscale.copy()
 
     for k in range(nstep + 1):
-        cand = np.clip(np.rint(xs * ((rmin + rdelta * k + nmax) * inv_range)[:, None]), 0, nmax)
-        wl = w * cand
-        sum_l = wl.sum(axis=-1, dtype=np.float64)
+        mult = (rmin + rdelta * k + nmax) * inv_range
+        np.multiply(xs, mult[:, None], out=cand)
+        np.rint(cand, out=cand)
+        np.clip(cand, 0, nmax, out=cand)
+        np.multiply(w, cand, out=wl)
+        wl64[...] = wl
+        sum_l = wl64 @ ones
         sum_l2 = _rowdot(wl, cand).astype(np.float64)
         sum_xl = _rowdot(wl, x).astype(np.float64)
         det = sum_w * sum_l2 - sum_l * sum_l
         solvable = det > 0
-        inv_det = _safe_inv(np.where(solvable, det, 0))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) * inv_det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) * inv_det
-        # a positive offset is not representable: refit the scale alone through 0
-        clamp = this_min > 0
-        this_scale = np.where(clamp, sum_xl * _safe_inv(sum_l2), this_scale)
-        this_min = np.where(clamp, 0, this_min)
-        # sum w*(s*l + m - x)^2 expanded into the sums already at hand (float64:
-        # the terms nearly cancel), which saves a pass over the weights per candidate
-        s64, m64 = this_scale.astype(np.float64), this_min.astype(np.float64)
-        err = (
-            sum_xx + s64 * s64 * sum_l2 + m64 * m64 * sum_w + 2 * s64 * m64 * sum_l - 2 * s64 * sum_xl - 2 * m64 * sum_x
-        )
-        better = solvable & (err < best)
-        L = np.where(better[:, None], cand, L)
-        best = np.where(better, err, best)
-        scale = np.where(better, this_scale, scale)
-        best_min = np.where(better, this_min, best_min)
+        # an unsolvable candidate's inf/nan fit is never taken (`better` needs solvable);
+        # a solvable one has sum_l2 > 0
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            inv_det = 1.0 / det
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) * inv_det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) * inv_det
+            # a positive offset is not representable: refit the scale alone through 0
+            clamp = this_min > 0
+            np.copyto(this_scale, sum_xl / sum_l2, where=clamp)
+            np.copyto(this_min, 0.0, where=clamp)
+            # sum w*(s*l + m - x)^2 expanded into the sums already at hand (float64:
+            # the terms nearly cancel), which saves a pass over the weights per candidate
+            s64, m64 = this_scale, this_min
+            err = (
+                sum_xx
+                + s64 * s64 * sum_l2
+                + m64 * m64 * sum_w
+                + 2 * s64 * m64 * sum_l
+                - 2 * s64 * sum_xl
+                - 2 * m64 * sum_x
+            )
+            better = err < best
+        better &= solvable
+        np.copyto(best_mult, mult, where=better)
+        np.copyto(best, err, where=better)
+        np.copyto(scale, this_scale, where=better)  # float32, as the result is
+        np.copyto(best_min, this_min, where=better)
 
-    flat = mx == mn  # constant group (after clamping min to 0): all levels 0, value carried by the min
+    np.multiply(xs, best_mult[:, None], out=cand)
+    np.rint(cand, out=cand)
+    L = np.clip(cand, 0, nmax, out=cand)
+    flat = mx == mn
     scale = np.where(flat, 0, scale)
     L = np.where(flat[:, None], 0, L)
     return scale.astype(_f32), (-best_min).astype(_f32), L.astype(np.uint8)
@@ -142,23 +167,32 @@ def _search_symmetric(x: np.ndarray, nmax: int):
     xn = x / norm[:, None]
     w = xn * xn
     base = -_safe_inv(np.where(live, amax_signed / norm, 0))
+    l = np.empty_like(xn)
+    wl = np.empty_like(xn)
 
-    def fit(c: float):
-        l = np.clip(np.rint(xn * (c * base)[:, None]), -nmax, nmax - 1)
-        wl = w * l
-        return l, _rowdot(wl, xn), _rowdot(wl, l)
+    def fit(mult: np.ndarray):
+        np.multiply(xn, mult[:, None], out=l)
+        np.rint(l, out=l)
+        np.clip(l, -nmax, nmax - 1, out=l)
+        np.multiply(w, l, out=wl)
+        return _rowdot(wl, xn), _rowdot(wl, l)
 
-    L, sumlx, suml2 = fit(nmax)
+    # only the winning candidate's multiplier is kept; its levels are recomputed at the end
+    best_mult = nmax * base
+    sumlx, suml2 = fit(best_mult)
     scale = sumlx * _safe_inv(suml2)
     best = scale * sumlx
-    for k in range(-9, 10):
-        if k == 0:
-            continue
-        l, a, b = fit(nmax + 0.1 * k)
-        better = (b > 0) & (a * a > best * b)
-        L = np.where(better[:, None], l, L)
-        scale = np.where(better, a * _safe_inv(b), scale)
-        best = np.where(better, scale * a, best)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 1/b is only used where b > 0
+        for k in range(-9, 10):
+            if k == 0:
+                continue
+            mult = (nmax + 0.1 * k) * base
+            a, b = fit(mult)
+            better = (b > 0) & (a * a > best * b)
+            np.copyto(best_mult, mult, where=better)
+            np.copyto(scale, a * (1.0 / b), where=better)
+            np.copyto(best, scale * a, where=better)
+    L = np.clip(np.rint(xn * best_mult[:, None], out=l), -nmax, nmax - 1, out=l)
     scale = np.where(live, scale * norm, 0)
     L = np.where(live[:, None], L + nmax, nmax)
     return scale.astype(_f32), L.astype(np.uint8)
@@ -183,19 +217,62 @@ def _search_q3(x: np.ndarray, nmax: int = 4, n_iter: int = 5):
     L = np.clip(np.rint(xn * iscale[:, None]), -nmax, nmax - 1)
     sumlx = _rowdot(w * xn, L)
     suml2 = _rowdot(w, L * L)
-    for _ in range(n_iter):
-        for i in range(x.shape[1]):
-            xi, wi, li = xn[:, i], w[:, i], L[:, i]
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            ok = slx != 0
-            new_l = np.clip(np.rint(xi * sl2 * _safe_inv(np.where(ok, slx, 0))), -nmax, nmax - 1)
-            slx2 = slx + wi * xi * new_l
-            sl22 = sl2 + wi * new_l * new_l
-            take = ok & (new_l != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[:, i] = np.where(take, new_l, li)
-            sumlx = np.where(take, slx2, sumlx)
-            suml2 = np.where(take, sl22, suml2)
+    # position-major copies: each position's column is contiguous. A group whose
+    # state did not change in a whole pass over its positions would repeat that
+    # pass exactly, so it is done: later passes run on the still-moving groups only
+    # (same result as n_iter full passes). Work arrays are reused across positions.
+    g = x.shape[1]
+    xT = np.ascontiguousarray(xn.T)
+    wT = np.ascontiguousarray(w.T)
+    wxT = wT * xT
+    LT = np.ascontiguousarray(L.T)
+    active = np.arange(x.shape[0])
+    # 1/slx is inf where slx == 0: such a move is never taken (`take` needs slx != 0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(n_iter):
+            if active.size == 0:
+                break
+            full = active.size == x.shape[0]
+            if full:
+                xa, wa, wxa, La, slx_a, sl2_a = xT, wT, wxT, LT, sumlx, suml2
+            else:
+                xa, wa, wxa, La = xT[:, active], wT[:, active], wxT[:, active], LT[:, active]
+                slx_a, sl2_a = sumlx[active], suml2[active]
+            m = active.size
+            changed = np.zeros(m, bool)
+            slx, sl2, t, nl, slx2, sl22, a, b = np.empty((8, m))
+            take, tb = np.empty((2, m), bool)
+            for i in range(g):
+                xi, wi, wxi, li = xa[i], wa[i], wxa[i], La[i]
+                np.subtract(slx_a, np.multiply(wxi, li, out=t), out=slx)  # sumlx without i
+                np.multiply(wi, li, out=t)
+                t *= li
+                np.subtract(sl2_a, t, out=sl2)  # suml2 without i
+                np.multiply(xi, sl2, out=nl)
+                nl *= np.divide(1.0, slx, out=t)
+                np.clip(np.rint(nl, out=nl), -nmax, nmax - 1, out=nl)  # best level for i
+                np.add(slx, np.multiply(wxi, nl, out=t), out=slx2)
+                np.multiply(wi, nl, out=t)
+                t *= nl
+                np.add(sl2, t, out=sl22)
+                np.multiply(slx2, slx2, out=a)
+                a *= sl2_a
+                np.multiply(slx_a, slx_a, out=b)
+                b *= sl22
+                np.greater(a, b, out=take)
+                take &= np.not_equal(slx, 0, out=tb)
+                take &= np.not_equal(nl, li, out=tb)
+                take &= np.greater(sl22, 0, out=tb)
+                np.copyto(li, nl, where=take)
+                np.copyto(slx_a, slx2, where=take)
+                np.copyto(sl2_a, sl22, where=take)
+                changed |= take
+            if not full:
+                LT[:, active] = La
+                sumlx[active] = slx_a
+                suml2[active] = sl2_a
+            active = active[changed]
+    L = LT.T
     scale = np.where(live, sumlx * _safe_inv(suml2) * norm, 0)
     L = np.where(live[:, None], L + nmax, nmax)
     return scale.astype(_f32), L.astype(np.uint8)
