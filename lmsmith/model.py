@@ -57,16 +57,19 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) ->
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, 1, T, Dh) for integer positions (B, T), halves duplicated (HF layout)."""
+    """cos and signed sin, each (B, 1, T, Dh), for integer positions (B, T) (HF's half-split layout).
+
+    The sin's first half is negated so that `apply_rope` needs one roll instead of
+    HF's `rotate_half` (a negation and a concatenation): the same products, exactly.
+    """
     freqs = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, Dh) by position; the pairs are (i, i + Dh/2) as in HF's `rotate_half`."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, Dh) by position: x*cos + rotate_half(x)*sin, pairs (i, i + Dh/2) as in HF."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class KVCache:
@@ -151,8 +154,9 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     if key not in _CAUSAL_BIAS:
         _CAUSAL_BIAS[key] = torch.full((T, T), float("-inf"), device=q.device).triu(1).to(q.dtype)
     k, v = k.to(q.dtype), v.to(q.dtype)
+    q = q * D**-0.5  # scale the (T, Dh) queries rather than the (T, T) scores
     scores = (q.reshape(B, K, rep * T, D) @ k.transpose(-1, -2)).view(B, K, rep, T, T)
-    probs = torch.softmax(scores * D**-0.5 + _CAUSAL_BIAS[key], dim=-1)
+    probs = torch.softmax(scores + _CAUSAL_BIAS[key], dim=-1)
     return (probs.view(B, K, rep * T, T) @ v).view(B, H, T, D)
 
 
