@@ -133,7 +133,7 @@ def plot_size_vs_perplexity(rows: list[SchemeResult], png: str | os.PathLike, ti
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LmsmithError("the plot needs matplotlib: pip install 'lmsmith[plot]'") from None
+        raise LmsmithError("the plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     xs = [r.size_bytes / 1e6 for r in rows]
     ys = [r.perplexity for r in rows]
