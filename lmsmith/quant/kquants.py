@@ -345,14 +345,19 @@ def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16_bytes(d16), _f16_bytes(dmin16), scales, qs], axis=1)
 
 
+def _sub_block_scales(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K header (f16 d, f16 dmin, 12 bytes of 6-bit scales/mins) -> per-sub-block (n, 8, 1) scale, min."""
+    nb = data.shape[0]
+    sc, m = _unpack_scale_min(data[:, 4:16])
+    d_sub = (_read_f16(data, 0) * sc.astype(_f32)).reshape(nb, 8, 1)
+    m_sub = (_read_f16(data, 2) * m.astype(_f32)).reshape(nb, 8, 1)
+    return d_sub, m_sub
+
+
 def dequantize_q4_k(data: np.ndarray) -> np.ndarray:
     """Q4_K bytes `(n, 144)` to float32 `(n, 256)`."""
     nb = data.shape[0]
-    d = _read_f16(data, 0)
-    dmin = _read_f16(data, 2)
-    sc, m = _unpack_scale_min(data[:, 4:16])
-    d_sub = (d * sc.astype(_f32)).reshape(nb, 8, 1)
-    m_sub = (dmin * m.astype(_f32)).reshape(nb, 8, 1)
+    d_sub, m_sub = _sub_block_scales(data)
     qs = data[:, 16:144].reshape(nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     q = (qs & 0x0F).reshape(nb, 8, 32).astype(_f32)
     return (d_sub * q - m_sub).reshape(nb, QK_K)
@@ -378,11 +383,7 @@ def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
 def dequantize_q5_k(data: np.ndarray) -> np.ndarray:
     """Q5_K bytes `(n, 176)` to float32 `(n, 256)`."""
     nb = data.shape[0]
-    d = _read_f16(data, 0)
-    dmin = _read_f16(data, 2)
-    sc, m = _unpack_scale_min(data[:, 4:16])
-    d_sub = (d * sc.astype(_f32)).reshape(nb, 8, 1)
-    m_sub = (dmin * m.astype(_f32)).reshape(nb, 8, 1)
+    d_sub, m_sub = _sub_block_scales(data)
     qh = data[:, 16:48].reshape(nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
     ql = data[:, 48:176].reshape(nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     q = ((ql & 0x0F).reshape(nb, 8, 32) | ((qh & 1) << 4)).astype(_f32)

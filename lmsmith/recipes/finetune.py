@@ -20,7 +20,7 @@ import time
 import typing
 from pathlib import Path
 
-from .options import add_train_flags, resolve, train_fields
+from .options import add_run_arguments, add_train_flags, resolve, train_fields
 
 HELP = "fine-tune a model on instruction or preference data: full, LoRA or prompt tuning; SFT or DPO"
 DESCRIPTION = """Fine-tune MODEL (any HF directory: a pretrained, fine-tuned or merged model) on
@@ -98,12 +98,7 @@ _SKIP_TRAIN_FIELDS = {"max_steps", "betas", "sample_prompt", "sample_every", "sa
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory (HF format: pretrained, fine-tuned or merged)")
-    g = p.add_argument_group("run")
-    g.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options (flags override it)")
-    g.add_argument("--out", help=f"run folder (default: {DEFAULTS['out']})")
-    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out exactly")
-    g.add_argument("--overwrite", action="store_true", default=None,
-                   help="start afresh even if --out holds a run (its checkpoints are deleted)")
+    add_run_arguments(p, DEFAULTS)
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="FILE", help="instruction or preference data (.jsonl or .json array)")
     g.add_argument("--format", help="solution | alpaca | chat | completion | preference (default: detected)")

@@ -10,6 +10,16 @@ import typing
 from ..errors import LmsmithError
 
 
+def add_run_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """--config, --out, --resume, --overwrite: what every training recipe's run folder needs."""
+    g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options (flags override it)")
+    g.add_argument("--out", help=f"run folder (default: {defaults['out']})")
+    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out exactly")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="start afresh even if --out holds a run (its checkpoints are deleted)")
+
+
 def train_fields(skip: set[str]) -> list[tuple[dataclasses.Field, type]]:
     """TrainConfig's fields (and their resolved types) that a recipe offers as flags."""
     from ..train import TrainConfig

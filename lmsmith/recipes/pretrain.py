@@ -16,7 +16,7 @@ import time
 import typing
 from pathlib import Path
 
-from .options import add_train_flags, resolve, train_fields
+from .options import add_run_arguments, add_train_flags, resolve, train_fields
 
 HELP = "pretrain a model on raw text (default: the built-in Python corpus, ~10 min on 2 CPU cores)"
 DESCRIPTION = """Pretrain a decoder-only model by next-token prediction on raw text.
@@ -68,12 +68,7 @@ _SKIP_TRAIN_FIELDS = {"max_steps", "betas", "sample_prompt"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options (flags override it)")
-    g.add_argument("--out", help=f"run folder (default: {DEFAULTS['out']})")
-    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out exactly")
-    g.add_argument("--overwrite", action="store_true", default=None,
-                   help="start afresh even if --out holds a run (its checkpoints are deleted)")
+    add_run_arguments(p, DEFAULTS)
     g = p.add_argument_group("data")
     g.add_argument("--source", action="append", metavar="NAME=PATH[:WEIGHT]",
                    help="a corpus source (repeatable); default: the built-in Python corpus")
