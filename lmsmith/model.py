@@ -121,6 +121,8 @@ class Attention(nn.Module):
             return self.o_proj(_causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
+            if T == 1:
+                return self.o_proj(_one_query_attention(q, k, v, mask).reshape(B, 1, -1))
         # enable_gqa lets SDPA share each K/V head across its query group without
         # materialising repeat_interleave copies (same result, less memory traffic).
         # mask None: plain causal attention over T == S (the training path, flash kernels).
@@ -158,6 +160,21 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     scores = (q.reshape(B, K, rep * T, D) @ k.transpose(-1, -2)).view(B, K, rep, T, T)
     probs = torch.softmax(scores + _CAUSAL_BIAS[key], dim=-1)
     return (probs.view(B, K, rep * T, T) @ v).view(B, H, T, D)
+
+
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token: q (B, H, 1, Dh) over cached k/v (B, K, S, Dh) -> (B, H, 1, Dh).
+
+    A decode step's attention is a few tiny matmuls; spelled out, they cost a third of
+    SDPA's dispatch. Query heads are grouped per K/V head as in `_causal_attention`.
+    mask: None (every key visible) or boolean (B, 1, 1, S).
+    """
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    scores = (q.reshape(B, K, H // K, D) * D**-0.5) @ k.transpose(-1, -2).to(q.dtype)  # (B, K, H/K, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v.to(q.dtype)).view(B, H, 1, D)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

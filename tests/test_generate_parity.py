@@ -9,13 +9,14 @@ transformers = pytest.importorskip("transformers")
 
 from lmsmith.config import ModelConfig  # noqa: E402
 from lmsmith.decoding import GenerationConfig, generate_ids  # noqa: E402
+from lmsmith.decoding.layout import use_decode_layout  # noqa: E402
 from lmsmith.model import build_model  # noqa: E402
 
 EOS, PAD = 3, 0
 
 
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=["row-major", "decode-layout"])
+def models(request):
     cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                       max_seq_len=128, tie_embeddings=False)
     model = build_model(cfg, seed=0)
@@ -27,6 +28,8 @@ def models():
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all("rotary" in k for k in missing)
     hf.eval()
+    if request.param == "decode-layout":
+        use_decode_layout(model, threads=2)  # what the inference verbs do: column-major, split matmuls
     return model, hf
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..decoding.layout import DecodeLinear
 from ..errors import LmsmithError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -155,7 +156,7 @@ def _candidate_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     """(name, module) of every plain linear that may carry LoRA: inside the blocks, never the LM head."""
     for name, m in model.named_modules():
         # type(), not isinstance: quantized or already-wrapped linears are not LoRA targets.
-        if type(m) is not nn.Linear or name.rsplit(".", 1)[-1] in ("lm_head", "lora_A", "lora_B"):
+        if type(m) not in (nn.Linear, DecodeLinear) or name.rsplit(".", 1)[-1] in ("lm_head", "lora_A", "lora_B"):
             continue
         yield name, m
 

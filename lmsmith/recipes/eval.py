@@ -40,6 +40,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..checkpoint import load
     from ..data.sources import Source, iter_documents
+    from ..decoding.layout import use_decode_layout
     from ..errors import LmsmithError
     from ..eval import perplexity
 
@@ -50,6 +51,7 @@ def run(args) -> int:
         from ..adapters import load_adapter
 
         model = load_adapter(model, args.adapter, tokenizer)
+    use_decode_layout(model)  # --tasks decodes answers token by token
     if not args.data and not args.tasks:
         raise LmsmithError("give --data PATH (perplexity on text) or --tasks FILE (exact-match accuracy), or both")
     if args.tasks:

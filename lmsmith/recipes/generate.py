@@ -82,7 +82,9 @@ def load_for_generation(args):
         from ..adapters import load_adapter
 
         model = load_adapter(model, args.adapter, tokenizer)
-    return model, tokenizer
+    from ..decoding.layout import use_decode_layout
+
+    return use_decode_layout(model), tokenizer
 
 
 def precision_of(args) -> str | None:
