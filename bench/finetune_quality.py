@@ -12,7 +12,11 @@ one subprocess after another. One table compares:
 Methods (each with its own learning rate, since adapters need larger steps; all flags below):
   full    every weight (fp32 master weights)
   lora    r=16, alpha=32, on all linear layers (q,k,v,o,gate,up,down) by default
-  prompt  20 virtual tokens (soft prompt), base frozen
+  prompt  20 virtual tokens (soft prompt) and the rows of the chat template's special tokens
+          (`--train-tokens auto`: a base that never saw <|im_end|> cannot learn to emit it otherwise),
+          base frozen
+  prefix  the 20 virtual tokens' keys/values in every layer (prefix tuning) + the same token rows
+  prompt-only  the soft prompt alone (`--train-tokens none`, what peft's prompt tuning trains)
 
 Reference text (forgetting). By default the documents the pretraining run held out for
 validation: when MODEL sits in an `lmsmith pretrain` run folder (MODEL/../data/manifest.json with
@@ -159,10 +163,11 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=96, help="tokens per row (prompt tuning's virtual tokens "
                                                             "come out of it)")
-    ap.add_argument("--methods", default="full,lora,prompt")
+    ap.add_argument("--methods", default="full,lora,prompt,prefix,prompt-only")
     ap.add_argument("--lr-full", type=float, default=1e-3)
     ap.add_argument("--lr-lora", type=float, default=2e-3)
     ap.add_argument("--lr-prompt", type=float, default=3e-2)
+    ap.add_argument("--lr-prefix", type=float, default=2e-2)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-targets", default="all-linear", help="all-linear or e.g. q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--virtual-tokens", type=int, default=20)
@@ -206,7 +211,8 @@ def main() -> int:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             out = work / f"run-{method}"
             flags = ["finetune", str(model), "--data", str(synth / "train.jsonl"),
-                     "--eval-tasks", str(synth / "heldout.jsonl"), "--ref-data", ref, "--method", method,
+                     "--eval-tasks", str(synth / "heldout.jsonl"), "--ref-data", ref,
+                     "--method", "prompt" if method == "prompt-only" else method,
                      "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                      "--seq-len", str(args.seq_len), "--out", str(out), "--overwrite", "--no-progress",
                      "--save-every", "0", "--seed", "0"]
@@ -217,9 +223,15 @@ def main() -> int:
                 flags += ["--lr", str(args.lr_lora), "--lora-r", str(args.lora_r),
                           "--lora-alpha", str(2 * args.lora_r), "--lora-targets", args.lora_targets]
                 desc = f"LoRA r={args.lora_r} {args.lora_targets} (lr {args.lr_lora:g})"
-            elif method == "prompt":
-                flags += ["--lr", str(args.lr_prompt), "--virtual-tokens", str(args.virtual_tokens)]
-                desc = f"prompt {args.virtual_tokens} tok (lr {args.lr_prompt:g})"
+            elif method == "prefix":
+                flags += ["--lr", str(args.lr_prefix), "--virtual-tokens", str(args.virtual_tokens)]
+                desc = f"prefix {args.virtual_tokens} tok + template token rows (lr {args.lr_prefix:g})"
+            elif method in ("prompt", "prompt-only"):
+                rows = "none" if method == "prompt-only" else "auto"
+                flags += ["--lr", str(args.lr_prompt), "--virtual-tokens", str(args.virtual_tokens),
+                          "--train-tokens", rows]
+                desc = (f"prompt {args.virtual_tokens} tok{' + template token rows' if rows == 'auto' else ''} "
+                        f"(lr {args.lr_prompt:g})")
             else:
                 log(f"unknown method {method!r}; skipped")
                 continue

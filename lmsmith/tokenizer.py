@@ -401,6 +401,16 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise LmsmithError(f"chat template rejected the messages: {e}") from None
 
+    def template_token_ids(self) -> list[int]:
+        """Ids of the special tokens the chat template writes (e.g. <|im_start|>, <|im_end|>), with eos_ids.
+
+        Found by rendering a two-turn chat and keeping the special/added tokens of its encoding,
+        so it works for any template. These are the tokens a base model may never have seen.
+        """
+        text = self.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+        added = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        return sorted({i for i in self.encode(text) if i in added} | set(self.eos_ids))
+
 
 # ---------------------------------------------------------------------- helpers
 

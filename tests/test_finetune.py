@@ -133,7 +133,41 @@ def test_prompt_tuning_leaves_base_weights_bit_identical(task, tmp_path, monkeyp
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size < 10_000
 
 
+def test_cli_prefix_tuning_trains_keys_values_and_template_rows(task, tmp_path, monkeypatch, capsys):
+    import json
+
+    from lmsmith import train as train_mod
+
+    seen = {}
+    real_train = train_mod.train
+
+    def spy(model, *a, **k):
+        seen["model"] = model
+        seen["kv"], seen["rows"] = model.prefix_kv.detach().clone(), model.token_embeddings.detach().clone()
+        return real_train(model, *a, **k)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    out = tmp_path / "prefix"
+    rc = main(["finetune", str(task / "model"), "--data", str(task / "train.jsonl"), "--method", "prefix",
+               "--virtual-tokens", "4", "--lr", "3e-2", "--max-steps", "6", "--batch-size", "8",
+               "--warmup-steps", "0", "--save-every", "0", "--out", str(out), *COMMON])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "prefix tuning" in printed and "'<|im_end|>'" in printed  # the template's rows are named
+    w = seen["model"]
+    base, tok = load(task / "model")
+    assert all(torch.equal(t, w.base.state_dict()[k]) for k, t in base.state_dict().items())
+    assert not torch.equal(w.prefix_kv, seen["kv"]) and not torch.equal(w.token_embeddings, seen["rows"])
+    assert tok.token_to_id("<|im_end|>") in w.prompt_config.train_tokens
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "PREFIX_TUNING"
+    assert main(["eval", str(task / "model"), "--tasks", str(task / "heldout.jsonl"), "--adapter",
+                 str(out / "adapter")]) == 0
+
+
 @pytest.mark.parametrize("extra,expect", [
+    (("--data", "GOOD", "--method", "prompt", "--train-tokens", "<|nope|>"),
+     "--train-tokens: '<|nope|>' is not a token of this tokenizer"),
     (("--data", "nope.jsonl"), "nope.jsonl: no such data file"),
     (("--data", "BAD"), "bad.jsonl:2: not valid JSON"),
     (("--data", "GOOD", "--method", "qlora"), "unknown --method 'qlora'"),

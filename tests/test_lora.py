@@ -212,7 +212,7 @@ def test_bad_input(tmp_path, capsys):
     with pytest.raises(LmsmithError, match="DoRA"):
         load_lora(_model(), tmp_path / "a")
     conf.write_text(json.dumps({**good, "peft_type": "IA3"}))
-    with pytest.raises(LmsmithError, match="LORA and PROMPT_TUNING"):
+    with pytest.raises(LmsmithError, match="LORA, PROMPT_TUNING, PREFIX_TUNING"):
         load_adapter(_model(), tmp_path / "a")
     conf.write_text(json.dumps(good))
     with pytest.raises(LmsmithError, match="different model shape"):

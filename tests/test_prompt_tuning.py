@@ -176,3 +176,169 @@ def test_cli_adapter_option(tmp_path, capsys):
         assert "perplexity" in capsys.readouterr().out
     assert main(["merge", base, str(tmp_path / "pt"), "--out", str(tmp_path / "x")]) == 1
     assert "no weight update to merge" in capsys.readouterr().err
+
+
+# ---- trainable token rows (train_tokens) --------------------------------------------------------
+
+TOKENS = (5, 17, 90)
+
+
+def _token_batches():
+    # The target is a token the frozen base can barely emit: only its trained head row can make it likely.
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(20, CFG["vocab_size"], (17,), generator=g)
+    seq[8], seq[16] = 17, 17
+    while True:
+        yield {"input_ids": seq[:-1].repeat(4, 1), "labels": seq[1:].repeat(4, 1)}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_token_rows_train_and_the_base_stays_bit_identical(tmp_path, tied):
+    m = _model(scale=1.0, init_std=0.1, tie_embeddings=tied)
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    w = apply_prompt_tuning(m, PromptTuningConfig(n_virtual_tokens=4, train_tokens=TOKENS))
+    params = trainable_parameters(w)
+    assert {id(p) for p in params} == {id(p) for p in w.prompt_parameters()}
+    assert len(params) == (2 if tied else 3) and (w.token_head is None) == tied
+    rows_before = w.token_embeddings.detach().clone()
+    cfg = TrainConfig(lr=LR, warmup_steps=0, max_steps=15, save_every=0, log_every=1, dtype="fp32",
+                      progress=False, peak_flops=1e12, weight_decay=0.0, schedule="constant")
+    res = train(w, _token_batches(), causal_lm_objective, cfg, out_dir=tmp_path / "run", trainable_params=params)
+    losses = list(res.losses.values())
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert not torch.equal(w.token_embeddings, rows_before)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, base[k]), k  # the base's own rows for those tokens are untouched
+
+
+def test_token_rows_are_used_for_inputs_and_outputs():
+    w = apply_prompt_tuning(_model(tie_embeddings=False), PromptTuningConfig(n_virtual_tokens=3,
+                                                                             train_tokens=TOKENS))
+    with torch.no_grad():
+        w.token_embeddings.normal_()
+        w.token_head.normal_()
+    ids = torch.tensor([[1, 5, 2, 90, 17]])
+    x = w.embed(ids)
+    assert torch.equal(x[0, 1], w.token_embeddings[0]) and torch.equal(x[0, 3], w.token_embeddings[2])
+    assert torch.equal(x[0, 0], w.model.embed_tokens.weight[1])  # other tokens keep the base rows
+    h = w.hidden_states(ids)
+    logits = w(ids)
+    torch.testing.assert_close(logits[..., list(TOKENS)], h @ w.token_head.t())
+    torch.testing.assert_close(logits, h @ w.output_weight().t())  # what the fused SFT loss sees
+    other = [i for i in range(CFG["vocab_size"]) if i not in TOKENS]
+    torch.testing.assert_close(logits[..., other], (h @ w.lm_head.weight.t())[..., other])
+
+
+def test_token_rows_save_load_and_peft_ignores_them(tmp_path):
+    m = _model()
+    checkpoint.save(m, None, tmp_path / "base")
+    w = apply_prompt_tuning(m, PromptTuningConfig(n_virtual_tokens=5, train_tokens=TOKENS))
+    _perturb(w)
+    save_prompt_tuning(w, tmp_path / "pt")
+    w2 = load_adapter(_model(), tmp_path / "pt")
+    assert w2.prompt_config.train_tokens == TOKENS
+    ids = torch.tensor([[3, 5, 8, 17, 2, 90]])
+    assert torch.equal(w2(ids), w(ids))
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "pt").eval()  # loads the soft prompt, skips our rows
+    plain = apply_prompt_tuning(_model(), PromptTuningConfig(n_virtual_tokens=5))
+    with torch.no_grad():
+        plain.prompt_embeddings.weight.copy_(w.prompt_embeddings.weight)
+        theirs = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        torch.testing.assert_close(theirs[:, 5:], plain(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_train_tokens_validation_and_template_tokens():
+    with pytest.raises(LmsmithError, match="non-negative token ids"):
+        PromptTuningConfig(train_tokens=(-1,))
+    with pytest.raises(LmsmithError, match="vocabulary has 128"):
+        apply_prompt_tuning(_model(), PromptTuningConfig(train_tokens=(128,)))
+    tok = _tokenizer()
+    names = {tok.id_to_token(i) for i in tok.template_token_ids()}
+    assert {"<|im_start|>", "<|im_end|>"} <= names  # ChatML's markers (and the eos ids)
+    assert all(tok.backend.get_added_tokens_decoder()[i].special for i in tok.template_token_ids())
+
+
+# ---- deep prompts (prefix tuning) ------------------------------------------------------------------
+
+
+def test_deep_prompt_starts_equal_to_the_shallow_one_and_trains_only_its_keys_values(tmp_path):
+    m = _model(scale=1.0, init_std=0.1)
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(0)
+    shallow = apply_prompt_tuning(m, PromptTuningConfig(n_virtual_tokens=4))
+    torch.manual_seed(0)
+    deep = apply_prompt_tuning(m, PromptTuningConfig(n_virtual_tokens=4, deep=True))
+    assert deep.prefix_kv.shape == (2, 2, 2, 4, 16)  # (layers, k/v, kv heads, tokens, head dim)
+    ids = torch.randint(0, 128, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(deep(ids), shallow(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(deep(ids, attention_mask=mask)[1], shallow(ids, attention_mask=mask)[1],
+                                   atol=1e-5, rtol=1e-5)
+    params = trainable_parameters(deep)
+    assert [id(p) for p in params] == [id(deep.prefix_kv)]
+    res = _train(deep, params, tmp_path)
+    losses = list(res.losses.values())
+    assert losses[-1] < losses[0] - 0.5, losses
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
+def test_deep_prompt_generation_cached_equals_full_forward():
+    w = apply_prompt_tuning(_model(), PromptTuningConfig(n_virtual_tokens=5, deep=True))
+    with torch.no_grad():
+        w.prefix_kv.add_(torch.randn(w.prefix_kv.shape, generator=torch.Generator().manual_seed(2)))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (7, 3, 5)]
+    cfg = GenerationConfig(max_new_tokens=8)
+    batched = [c.ids for c in generate_ids(w, prompts, cfg)]
+    single = [generate_ids(w, [p], cfg)[0].ids for p in prompts]
+    assert batched == single
+    p, out = prompts[0], single[0]
+    assert w(torch.tensor([p + out]))[0, len(p) - 1:-1].argmax(-1).tolist() == out
+    beam = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=6)
+    assert [c.ids for c in generate_ids(w, prompts, beam)] == [generate_ids(w, [q], beam)[0].ids for q in prompts]
+
+
+def test_deep_prompt_round_trip_and_peft_prefix_tuning(tmp_path):
+    m = _model()
+    checkpoint.save(m, None, tmp_path / "base")
+    w = apply_prompt_tuning(m, PromptTuningConfig(n_virtual_tokens=5, deep=True, train_tokens=TOKENS))
+    with torch.no_grad():
+        w.prefix_kv.add_(torch.randn(w.prefix_kv.shape, generator=torch.Generator().manual_seed(2)))
+    save_prompt_tuning(w, tmp_path / "pt")
+    w2 = load_adapter(_model(), tmp_path / "pt")
+    assert w2.prompt_config.deep and w2.prompt_config.train_tokens == TOKENS
+    ids = torch.tensor([[3, 5, 8, 17, 2, 90, 44]])
+    assert torch.equal(w2(ids), w(ids))
+    with pytest.raises(LmsmithError, match="prefix for this model"):
+        load_prompt_tuning(_model(n_layers=3), tmp_path / "pt")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    # peft reads our file as PREFIX_TUNING; without our token rows the logits equal a rows-free copy.
+    plain = apply_prompt_tuning(_model(), PromptTuningConfig(n_virtual_tokens=5, deep=True))
+    with torch.no_grad():
+        plain.prefix_kv.copy_(w.prefix_kv)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "pt").eval()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        theirs = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        torch.testing.assert_close(theirs, plain(ids), atol=1e-5, rtol=1e-5)
+    # And a prefix peft trained loads in lmsmith with the same logits.
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    pcfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6)
+    pm2 = peft.get_peft_model(hf2, pcfg)
+    with torch.no_grad():
+        for p in pm2.prompt_encoder.parameters():
+            p.normal_()
+    pm2.save_pretrained(tmp_path / "peft-prefix")
+    ours = load_adapter(_model(), tmp_path / "peft-prefix")
+    pm2.eval()
+    with torch.no_grad():
+        theirs = pm2(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        torch.testing.assert_close(ours(ids), theirs, atol=1e-5, rtol=1e-5)

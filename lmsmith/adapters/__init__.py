@@ -37,7 +37,7 @@ from .prompt_tuning import (
     save_prompt_tuning,
 )
 
-SUPPORTED_TYPES = ("LORA", "PROMPT_TUNING")
+SUPPORTED_TYPES = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING")
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "LoraConfig", "LoraLinear", "PromptTunedModel",
            "PromptTuningConfig", "SUPPORTED_TYPES", "adapter_type", "apply_lora", "apply_prompt_tuning",
@@ -47,12 +47,12 @@ __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "LoraConfig", "LoraLin
 
 
 def adapter_type(path) -> str:
-    """"LORA" or "PROMPT_TUNING" from `path`/adapter_config.json; LmsmithError for anything else."""
+    """"LORA", "PROMPT_TUNING" or "PREFIX_TUNING" from `path`/adapter_config.json; LmsmithError otherwise."""
     cfg = read_adapter_config(path)
     kind = cfg.get("peft_type")
     if kind not in SUPPORTED_TYPES:
         raise LmsmithError(f"{Path(path) / ADAPTER_CONFIG_NAME}: peft_type {kind!r} is not supported; "
-                           f"lmsmith loads {' and '.join(SUPPORTED_TYPES)} adapters")
+                           f"lmsmith loads {', '.join(SUPPORTED_TYPES)} adapters")
     return kind
 
 
@@ -60,7 +60,7 @@ def load_adapter(model, path, tokenizer=None):
     """Apply the adapter saved at `path` (by lmsmith or peft) to `model`.
 
     Returns:
-        LORA: the same model, with LoRA layers loaded; PROMPT_TUNING: a PromptTunedModel
+        LORA: the same model, with LoRA layers loaded; PROMPT_TUNING or PREFIX_TUNING: a PromptTunedModel
         wrapping it. Use the returned object either way. `tokenizer` is accepted for
         symmetry with `apply_prompt_tuning` (loading never needs it).
     """

@@ -15,6 +15,15 @@ peft does for an unpadded batch (transformers numbers the concatenated sequence
 positions also count the pad slots while ours do not (our batched generation
 equals one-by-one generation; peft's does not).
 
+Trainable token rows (`train_tokens`): a base model's rows for tokens it never saw
+in pretraining (a chat template's markers such as <|im_start|> / <|im_end|>, the
+untrained special tokens of many base checkpoints) are random or zero, and a soft
+prompt alone cannot teach the frozen model to read or emit them: it never learns to
+end its answer. With `train_tokens` the wrapper also trains a copy of those rows of
+the input embedding and of the LM head; the base weights stay untouched and the rows
+are saved beside the soft prompt under `lmsmith.*` keys (peft, which has no such
+option for prompt tuning, loads the soft prompt and ignores them).
+
 KV cache: the virtual tokens' keys/values are the same for every row (they attend
 only to each other), so the wrapper keeps them in a prefix in front of the caller's
 cache. At prefill it swaps the cache's buffers for ones n positions longer and
@@ -41,6 +50,9 @@ from .lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
 # Keys of our own tensors beside peft's `prompt_embeddings` (peft ignores them).
 _TABLE_KEY = "lmsmith.prompt_table"
 _ENCODER_PREFIX = "lmsmith.prompt_encoder."
+_TOKEN_IDS_KEY = "lmsmith.token_ids"
+_TOKEN_EMB_KEY = "lmsmith.token_embeddings"
+_TOKEN_HEAD_KEY = "lmsmith.token_head"
 ACTIVATIONS = ("relu", "tanh")
 
 
@@ -56,12 +68,19 @@ class PromptTuningConfig:
             E + Linear(H, D)(act(Linear(D, H)(E))) from the table E (n, D); the last layer
             starts at zero so training starts from E (and from init_text's embeddings).
         encoder_activation: "relu" or "tanh".
+        train_tokens: token ids whose input-embedding and LM-head rows train with the prompt
+            (tokens the base never learned, e.g. the chat template's markers); () for none.
+        deep: train the virtual tokens' keys and values in EVERY layer (prefix tuning,
+            P-tuning v2; peft's PREFIX_TUNING) instead of their input embeddings only. Far
+            stronger on small models; starts from exactly the shallow prompt's keys/values.
     """
 
     n_virtual_tokens: int = 20
     init_text: str | None = None
     encoder_hidden: int | None = None
     encoder_activation: str = "relu"
+    train_tokens: tuple[int, ...] = ()
+    deep: bool = False
 
     def __post_init__(self) -> None:
         n = self.n_virtual_tokens
@@ -72,6 +91,14 @@ class PromptTuningConfig:
         h = self.encoder_hidden
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
             raise LmsmithError(f"PromptTuningConfig.encoder_hidden = {h!r}: must be a positive integer or None")
+        ids = self.train_tokens
+        if isinstance(ids, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                    for t in ids):
+            raise LmsmithError(f"PromptTuningConfig.train_tokens = {ids!r}: must be non-negative token ids")
+        self.train_tokens = tuple(sorted(set(ids)))
+        if self.deep and h is not None:
+            raise LmsmithError("PromptTuningConfig: deep (prefix) tuning trains the keys/values directly; "
+                               "it has no prompt encoder (drop encoder_hidden)")
         if self.encoder_activation not in ACTIVATIONS:
             raise LmsmithError(f"PromptTuningConfig.encoder_activation = {self.encoder_activation!r}: "
                                f"choose one of {', '.join(ACTIVATIONS)}")
@@ -82,7 +109,8 @@ class PromptTunedModel(nn.Module):
 
     Submodules are registered as `model` (the base's decoder) and `lm_head`, so the
     base's state-dict names are unchanged; the soft prompt adds `prompt_embeddings.weight`
-    (n, D) and, with an encoder, `prompt_encoder.*`.
+    (n, D), with an encoder `prompt_encoder.*`, and with `train_tokens` the rows
+    `token_embeddings` (k, D) and, for an untied head, `token_head` (k, D).
 
     Attributes:
         base: the wrapped Transformer (not a registered submodule).
@@ -117,6 +145,35 @@ class PromptTunedModel(nn.Module):
                 nn.Linear(config.encoder_hidden, D, device=w.device, dtype=w.dtype))
             nn.init.zeros_(self.prompt_encoder[2].weight)
             nn.init.zeros_(self.prompt_encoder[2].bias)
+        self.register_buffer("token_ids", None, persistent=False)
+        self.register_buffer("token_slot", None, persistent=False)
+        self.register_parameter("token_embeddings", None)
+        self.register_parameter("token_head", None)
+        if config.train_tokens:
+            self._init_token_rows(base, config.train_tokens)
+        self.register_parameter("prefix_kv", None)
+        if config.deep:
+            # (L, 2, K, n, Dh): each layer's keys and values of the virtual tokens, starting from what
+            # the shallow prompt's embeddings produce, so deep tuning starts where shallow tuning would.
+            with torch.no_grad():
+                k, v = self._shallow_kv(self.prompt_embeddings.weight)
+            self.prefix_kv = nn.Parameter(torch.stack([k[:, 0], v[:, 0]], dim=1))
+            self.prompt_embeddings.weight.requires_grad_(False)  # only the starting point of prefix_kv
+
+    def _init_token_rows(self, base: nn.Module, train_tokens: tuple[int, ...]) -> None:
+        emb = base.model.embed_tokens.weight
+        V = emb.shape[0]
+        if max(train_tokens) >= V:
+            raise LmsmithError(f"train_tokens has id {max(train_tokens)}, but the vocabulary has {V} tokens")
+        ids = torch.tensor(train_tokens, device=emb.device)
+        slot = torch.full((V,), -1, dtype=torch.long, device=emb.device)  # id -> row of token_embeddings, or -1
+        slot[ids] = torch.arange(len(ids), device=emb.device)
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.register_buffer("token_slot", slot, persistent=False)
+        self.token_embeddings = nn.Parameter(emb.detach()[ids].clone())
+        head = base.lm_head.weight
+        if head is not emb:  # an untied head has its own rows to learn
+            self.token_head = nn.Parameter(head.detach()[ids].clone())
 
     @property
     def n_virtual(self) -> int:
@@ -130,11 +187,44 @@ class PromptTunedModel(nn.Module):
         return e
 
     def prompt_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters: the table and the encoder (if any)."""
-        ps = [self.prompt_embeddings.weight]
+        """The trainable parameters: the table (or, deep, the per-layer keys/values), the encoder and
+        the token rows (those present)."""
+        ps = [self.prefix_kv] if self.prefix_kv is not None else [self.prompt_embeddings.weight]
         if self.prompt_encoder is not None:
             ps += list(self.prompt_encoder.parameters())
-        return ps
+        return ps + [p for p in (self.token_embeddings, self.token_head) if p is not None]
+
+    # ---- trainable token rows ---------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, T, D) of ids (B, T), with the trained rows for `train_tokens`."""
+        x = self.model.embed_tokens(input_ids)
+        if self.token_ids is None:
+            return x
+        slot = self.token_slot[input_ids]  # (B, T): row in token_embeddings, or -1
+        rows = self.token_embeddings[slot.clamp(min=0)].to(x.dtype)  # (B, T, D)
+        return torch.where((slot >= 0)[..., None], rows, x)
+
+    def _head_rows(self) -> torch.Tensor:
+        return self.token_head if self.token_head is not None else self.token_embeddings
+
+    def output_weight(self) -> torch.Tensor | None:
+        """The LM head's (V, D) weight with the trained rows in place (what the SFT loss uses);
+        None when the head is not a plain weight matrix (the objective then calls `lm_head`)."""
+        w = getattr(self.lm_head, "weight", None)
+        if w is None or getattr(self.lm_head, "bias", None) is not None:
+            return None
+        if self.token_ids is None:
+            return w
+        return w.index_copy(0, self.token_ids, self._head_rows().to(w.dtype))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of hidden states (..., D): the base head, then the trained rows' columns."""
+        out = self.lm_head(h)
+        if self.token_ids is None:
+            return out
+        cols = (h @ self._head_rows().to(h.dtype).t()).to(out.dtype)  # (..., k)
+        return out.index_copy(-1, self.token_ids, cols)
 
     def tie_weights(self) -> None:
         self.base.tie_weights()
@@ -145,16 +235,23 @@ class PromptTunedModel(nn.Module):
 
     # ---- the cache prefix ----------------------------------------------------------------
 
+    def _shallow_kv(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (L, 1, K, n, Dh) each that the base computes for virtual embeddings (n, D)."""
+        from ..model import KVCache
+
+        dtype = self.model.embed_tokens.weight.dtype
+        tmp = KVCache(self.base.config, 1, max_len=self.n_virtual, dtype=dtype, device=embeddings.device)
+        self.base.inv_freq = self.inv_freq
+        self.base.hidden_states(inputs_embeds=embeddings[None].to(dtype), cache=tmp)
+        return tmp.k, tmp.v
+
     @torch.no_grad()
     def _prefix_kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the virtual tokens alone, (L, 1, K, n, Dh) each."""
-        from ..model import KVCache
-
-        n = self.n_virtual
-        tmp = KVCache(self.base.config, 1, max_len=n, dtype=dtype, device=self.inv_freq.device)
-        x = self.virtual_embeddings()[None].to(self.model.embed_tokens.weight.dtype)
-        self.base.hidden_states(inputs_embeds=x, cache=tmp)
-        return tmp.k, tmp.v
+        if self.prefix_kv is not None:
+            return self.prefix_kv[:, 0, None].to(dtype), self.prefix_kv[:, 1, None].to(dtype)
+        k, v = self._shallow_kv(self.virtual_embeddings())
+        return k.to(dtype), v.to(dtype)
 
     @contextlib.contextmanager
     def _with_prefix(self, cache):
@@ -169,9 +266,9 @@ class PromptTunedModel(nn.Module):
             L, B, K, M, Dh = cache.k.shape
             big_k = cache.k.new_zeros(L, B, K, n + M, Dh)
             big_v = cache.v.new_zeros(L, B, K, n + M, Dh)
-            if cache.length > 0:
-                # A cache filled elsewhere (beam search copies prefill keys into a fresh one):
-                # put the virtual tokens' keys/values, identical for every row, in front.
+            if cache.length > 0 or self.prefix_kv is not None:
+                # Deep prompts, and a cache filled elsewhere (beam search copies prefill keys into a
+                # fresh one): put the virtual tokens' keys/values, identical for every row, in front.
                 pk, pv = self._prefix_kv(cache.k.dtype)
                 big_k[:, :, :, :n] = pk
                 big_v[:, :, :, :n] = pv
@@ -210,7 +307,7 @@ class PromptTunedModel(nn.Module):
             attention_mask: (B, S) over the real keys (cached + new), 1 = real; n ones are prepended.
             cache: a KVCache allocated for the real tokens; the virtual prefix is handled here.
         """
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
         n = self.n_virtual
         self.base.inv_freq = self.inv_freq
@@ -219,6 +316,8 @@ class PromptTunedModel(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(B, n), attention_mask], dim=1)  # (B, n + S)
         if positions is not None:
             positions = positions + n
+        if self.prefix_kv is not None:
+            return self._deep_hidden_states(x, positions, attention_mask, cache)
         if prefill:
             prefix = self.virtual_embeddings().to(x.dtype)[None].expand(B, n, -1)  # (B, n, D)
             x = torch.cat([prefix, x], dim=1)  # (B, n + T, D)
@@ -235,12 +334,36 @@ class PromptTunedModel(nn.Module):
                                         cache=cache)
         return h[:, n:] if prefill else h
 
+    def _deep_hidden_states(self, x, positions, attention_mask, cache) -> torch.Tensor:
+        """Deep prompt: the real tokens (B, T, D) attend to trained keys/values in every layer."""
+        if cache is not None:
+            with self._with_prefix(cache):  # the cache's first n positions hold prefix_kv
+                return self.base.hidden_states(inputs_embeds=x, positions=positions, attention_mask=attention_mask,
+                                               cache=cache)
+        # No cache (training, scoring): every layer attends to its prefix, then the new tokens.
+        kv = self.prefix_kv.to(x.dtype)[:, :, None].expand(-1, -1, x.shape[0], -1, -1, -1)  # (L, 2, B, K, n, Dh)
+        return self.base.hidden_states(inputs_embeds=x, positions=positions, attention_mask=attention_mask,
+                                       cache=_PrefixKV(kv[:, 0], kv[:, 1]))
+
     def forward(self, input_ids: torch.Tensor | None = None, *, last_only: bool = False, **kwargs) -> torch.Tensor:
         """Logits (B, T, V) for the real tokens, or (B, 1, V) with `last_only`."""
         h = self.hidden_states(input_ids, **kwargs)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return self.logits(h)
+
+
+class _PrefixKV:
+    """A KVCache stand-in for a forward without cache: layer l's keys/values are prefix k[l], v[l]
+    (B, K, n, Dh) followed by the new ones. Concatenated, never written in place, so autograd
+    reaches the prefix (a KVCache's shared buffer would be overwritten layer after layer)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (L, B, K, n, Dh)
+        self.length = k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([self.k[layer].to(k.dtype), k], dim=2), torch.cat([self.v[layer].to(v.dtype), v], dim=2))
 
 
 # ---- building -------------------------------------------------------------------------
@@ -283,17 +406,19 @@ def apply_prompt_tuning(model, config: PromptTuningConfig, tokenizer=None) -> Pr
 
 
 def save_prompt_tuning(model: PromptTunedModel, path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the soft prompt in peft's PROMPT_TUNING format, atomically.
+    """Write the soft prompt in peft's PROMPT_TUNING format (deep: PREFIX_TUNING), atomically.
 
-    adapter_model.safetensors holds `prompt_embeddings` (n, D), the virtual tokens after the
-    encoder (what peft loads), plus, with an encoder, our table and encoder weights under
-    `lmsmith.*` keys so training can resume.
+    adapter_model.safetensors holds `prompt_embeddings`: the virtual tokens after the encoder,
+    (n, D), or for a deep prompt every layer's keys and values as peft lays them out,
+    (n, L * 2 * K * Dh) with (layer, key/value, head, dim) flattened. With an encoder, our table
+    and encoder weights ride under `lmsmith.*` keys so training can resume; so do token rows.
     """
-    from ..checkpoint import atomic_dir, write_safetensors
 
     if not isinstance(model, PromptTunedModel):
         raise LmsmithError("save_prompt_tuning needs the PromptTunedModel returned by apply_prompt_tuning")
     pc, cfg = model.prompt_config, model.base.config
+    if pc.deep:
+        return _save_prefix(model, path, base_model_name_or_path)
     meta = {
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
@@ -311,13 +436,47 @@ def save_prompt_tuning(model: PromptTunedModel, path, base_model_name_or_path: s
         "revision": None,
     }
     ours = {"init_text": pc.init_text, "encoder_hidden": pc.encoder_hidden,
-            "encoder_activation": pc.encoder_activation}
+            "encoder_activation": pc.encoder_activation, "train_tokens": list(pc.train_tokens)}
     with torch.no_grad():
         tensors = {"prompt_embeddings": model.virtual_embeddings().detach()}
         if model.prompt_encoder is not None:
             tensors[_TABLE_KEY] = model.prompt_embeddings.weight.detach()
             for k, v in model.prompt_encoder.state_dict().items():
                 tensors[_ENCODER_PREFIX + k] = v.detach()
+    return _write(model, path, meta, ours, tensors)
+
+
+def _save_prefix(model: PromptTunedModel, path, base_model_name_or_path: str | None) -> Path:
+    pc, cfg = model.prompt_config, model.base.config
+    kv_dim = cfg.n_kv_heads * cfg.head_dim  # peft sizes a GQA prefix by the K/V heads
+    meta = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "num_virtual_tokens": pc.n_virtual_tokens,
+        "token_dim": kv_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": cfg.n_kv_heads,
+        "num_layers": cfg.n_layers,
+        "encoder_hidden_size": kv_dim,
+        "prefix_projection": False,
+        "inference_mode": True,
+        "revision": None,
+    }
+    ours = {"init_text": pc.init_text, "train_tokens": list(pc.train_tokens)}
+    # (L, 2, K, n, Dh) -> (n, L, 2, K, Dh) -> (n, L * 2 * K * Dh): peft views it as (n, 2L, K, Dh).
+    flat = model.prefix_kv.detach().permute(3, 0, 1, 2, 4).reshape(pc.n_virtual_tokens, -1)
+    return _write(model, path, meta, ours, {"prompt_embeddings": flat})
+
+
+def _write(model: PromptTunedModel, path, meta: dict, ours: dict, tensors: dict) -> Path:
+    from ..checkpoint import atomic_dir, write_safetensors
+
+    if model.token_ids is not None:
+        tensors[_TOKEN_IDS_KEY] = model.token_ids
+        tensors[_TOKEN_EMB_KEY] = model.token_embeddings.detach()
+        if model.token_head is not None:
+            tensors[_TOKEN_HEAD_KEY] = model.token_head.detach()
     path = Path(path)
     with atomic_dir(path) as tmp:
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -342,7 +501,8 @@ def _our_settings(path: Path) -> dict:
 
 @torch.no_grad()
 def load_prompt_tuning(model, path) -> PromptTunedModel:
-    """Wrap `model` with the soft prompt saved at `path` (by us or by peft's save_pretrained).
+    """Wrap `model` with the soft prompt saved at `path` (by us or by peft's save_pretrained):
+    PROMPT_TUNING, or PREFIX_TUNING (a deep prompt).
 
     Returns:
         A PromptTunedModel with the base frozen; with our encoder weights present the encoder
@@ -351,8 +511,9 @@ def load_prompt_tuning(model, path) -> PromptTunedModel:
     path = Path(path)
     raw = read_adapter_config(path)
     where = path / ADAPTER_CONFIG_NAME
-    if raw.get("peft_type") != "PROMPT_TUNING":
-        raise LmsmithError(f"{where}: peft_type {raw.get('peft_type')!r} is not PROMPT_TUNING")
+    kind = raw.get("peft_type")
+    if kind not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        raise LmsmithError(f"{where}: peft_type {kind!r} is not PROMPT_TUNING or PREFIX_TUNING")
     if int(raw.get("num_transformer_submodules") or 1) != 1:
         raise LmsmithError(f"{where}: num_transformer_submodules must be 1 for a decoder-only model")
     tensors = read_adapter_weights(path)
@@ -360,21 +521,63 @@ def load_prompt_tuning(model, path) -> PromptTunedModel:
         raise LmsmithError(f"{path / ADAPTER_WEIGHTS_NAME}: no 'prompt_embeddings' tensor")
     virt = tensors["prompt_embeddings"]
     n = int(raw.get("num_virtual_tokens") or virt.shape[0])
+    if kind == "PREFIX_TUNING":
+        return _load_prefix(model, path, n, virt, tensors)
     D = model.config.dim
     if tuple(virt.shape) != (n, D) or int(raw.get("token_dim") or D) != D:
         raise LmsmithError(f"{path}: prompt_embeddings has shape {tuple(virt.shape)}, this model needs ({n}, {D}); "
                            f"the adapter is for a model of another width")
     ours = _our_settings(path)
     encoder = ours.get("encoder_hidden") if _TABLE_KEY in tensors else None
+    token_ids = tensors[_TOKEN_IDS_KEY].tolist() if _TOKEN_IDS_KEY in tensors else []
     config = PromptTuningConfig(n_virtual_tokens=n, init_text=ours.get("init_text"), encoder_hidden=encoder,
-                                encoder_activation=ours.get("encoder_activation") or "relu")
+                                encoder_activation=ours.get("encoder_activation") or "relu",
+                                train_tokens=tuple(token_ids))
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = PromptTunedModel(model, config, init=(tensors[_TABLE_KEY] if encoder else virt))
+    if token_ids:
+        _load_token_rows(wrapped, tensors, path)
     if encoder:
         sd = {k[len(_ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIX)}
         try:
             wrapped.prompt_encoder.load_state_dict(sd)
         except RuntimeError as e:
             raise LmsmithError(f"{path}: prompt encoder weights do not fit ({str(e).splitlines()[0]})") from None
+    return wrapped
+
+
+def _load_token_rows(wrapped: PromptTunedModel, tensors: dict, path: Path) -> None:
+    k, D = len(wrapped.prompt_config.train_tokens), wrapped.base.config.dim
+    if tensors[_TOKEN_IDS_KEY].tolist() != list(wrapped.prompt_config.train_tokens):
+        raise LmsmithError(f"{path / ADAPTER_WEIGHTS_NAME}: {_TOKEN_IDS_KEY} must hold sorted, distinct ids")
+    for key, param in ((_TOKEN_EMB_KEY, wrapped.token_embeddings), (_TOKEN_HEAD_KEY, wrapped.token_head)):
+        if param is None:
+            continue
+        if key not in tensors or tuple(tensors[key].shape) != (k, D):
+            got = tuple(tensors[key].shape) if key in tensors else "missing"
+            raise LmsmithError(f"{path / ADAPTER_WEIGHTS_NAME}: {key} is {got}, this model needs ({k}, {D}) "
+                               f"(an adapter for a model with a tied or untied head differently?)")
+        param.copy_(tensors[key])
+
+
+@torch.no_grad()
+def _load_prefix(model, path: Path, n: int, flat: torch.Tensor, tensors: dict) -> PromptTunedModel:
+    cfg = model.config
+    L, K, Dh = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    if tuple(flat.shape) != (n, L * 2 * K * Dh):
+        raise LmsmithError(f"{path / ADAPTER_WEIGHTS_NAME}: prompt_embeddings has shape {tuple(flat.shape)}, "
+                           f"a prefix for this model is ({n}, {L * 2 * K * Dh}) = (tokens, layers {L} x 2 x "
+                           f"kv heads {K} x head dim {Dh}); the adapter is for another model (or was saved with "
+                           f"prefix_projection and not in inference mode)")
+    ours = _our_settings(path)
+    token_ids = tensors[_TOKEN_IDS_KEY].tolist() if _TOKEN_IDS_KEY in tensors else []
+    config = PromptTuningConfig(n_virtual_tokens=n, init_text=ours.get("init_text"), train_tokens=tuple(token_ids),
+                                deep=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = PromptTunedModel(model, config)
+    wrapped.prefix_kv.copy_(flat.view(n, L, 2, K, Dh).permute(1, 2, 3, 0, 4))
+    if token_ids:
+        _load_token_rows(wrapped, tensors, path)
     return wrapped

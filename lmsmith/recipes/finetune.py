@@ -2,7 +2,7 @@
 
 Read top to bottom: resolve the options (defaults < --config YAML < flags) -> load the
 model and tokenizer -> read and encode the data (chat template, response-only labels,
-optional packing) -> apply the method (full / LoRA / prompt tuning) -> measure
+optional packing) -> apply the method (full / LoRA / prompt or prefix tuning) -> measure
 "before" (task accuracy, reference perplexity) -> the one training loop with the SFT or
 DPO objective -> save (final/ HF directory, or adapter/ in peft format, + merged/) ->
 measure "after" -> summary.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .options import add_run_arguments, add_train_flags, resolve, train_fields
 
-HELP = "fine-tune a model on instruction or preference data: full, LoRA or prompt tuning; SFT or DPO"
+HELP = "fine-tune a model on instruction or preference data: full, LoRA, prompt or prefix tuning; SFT or DPO"
 DESCRIPTION = """Fine-tune MODEL (any HF directory: a pretrained, fine-tuned or merged model) on
 instruction data (SFT) or preference pairs (DPO), reusing the training loop
 (progress bar, metrics.jsonl, checkpoints, --resume).
@@ -37,10 +37,14 @@ with checkable answers.
 
 Methods: full (all weights; writes OUT/final/), lora (low-rank adapters; writes
 OUT/adapter/ in peft format, and OUT/merged/ with --merge), prompt (a soft prompt of
---virtual-tokens; writes OUT/adapter/). --adapter PATH continues training an existing
-LoRA adapter. --objective dpo trains on preference pairs against a frozen reference
-(LoRA: the base with the adapter off; full: a frozen copy; prompt: the base without
-the prompt).
+--virtual-tokens in front of the input; writes OUT/adapter/ in peft's PROMPT_TUNING
+format), prefix (the virtual tokens' keys and values in every layer: prefix tuning /
+P-tuning v2, peft's PREFIX_TUNING; much stronger than prompt on small models). prompt
+and prefix also train the embedding/head rows of the chat template's special tokens
+(--train-tokens auto; the base weights stay untouched). --adapter PATH continues
+training an existing LoRA adapter. --objective dpo trains on preference pairs against
+a frozen reference (LoRA: the base with the adapter off; full: a frozen copy;
+prompt/prefix: the base without the prompt).
 
 Checks: --eval-tasks FILE measures exact-match accuracy before and after;
 --ref-data FILE measures perplexity on reference text before and after, so
@@ -51,11 +55,11 @@ example:
   lmsmith finetune runs/pretrain/final --data synth/train.jsonl --method lora \\
       --eval-tasks synth/heldout.jsonl --out runs/lora"""
 
-METHODS = ("full", "lora", "prompt")
+METHODS = ("full", "lora", "prompt", "prefix")
 OBJECTIVES = ("sft", "dpo")
 # Learning rates that work for each method when --lr is not given (adapters need larger steps).
-DEFAULT_LR = {("full", "sft"): 5e-5, ("lora", "sft"): 2e-4, ("prompt", "sft"): 3e-2,
-              ("full", "dpo"): 5e-6, ("lora", "dpo"): 5e-5, ("prompt", "dpo"): 1e-2}
+DEFAULT_LR = {("full", "sft"): 5e-5, ("lora", "sft"): 2e-4, ("prompt", "sft"): 3e-2, ("prefix", "sft"): 1e-2,
+              ("full", "dpo"): 5e-6, ("lora", "dpo"): 5e-5, ("prompt", "dpo"): 1e-2, ("prefix", "dpo"): 3e-3}
 
 DEFAULTS: dict[str, typing.Any] = {
     "model": None,
@@ -81,6 +85,7 @@ DEFAULTS: dict[str, typing.Any] = {
     "virtual_tokens": 20,
     "prompt_init": None,
     "prompt_encoder_hidden": None,
+    "train_tokens": "auto",
     "beta": 0.1,
     "eval_tasks": None,
     "eval_max_new_tokens": 32,
@@ -112,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=float, help=f"passes over the data (default: {DEFAULTS['epochs']:g})")
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", help="full | lora | prompt (default: full)")
+    g.add_argument("--method", help="full | lora | prompt | prefix (default: full)")
     g.add_argument("--objective", help="sft | dpo (default: sft)")
     g.add_argument("--beta", type=float, help=f"DPO temperature (default: {DEFAULTS['beta']})")
     g.add_argument("--adapter", metavar="PATH", help="continue training this LoRA adapter (peft format)")
@@ -122,11 +127,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: 0)")
     g.add_argument("--lora-targets", help="comma-separated module names, or all-linear (default: attention "
                                           "projections q_proj,k_proj,v_proj,o_proj)")
-    g.add_argument("--virtual-tokens", type=int, help=f"prompt tuning: soft-prompt length "
+    g.add_argument("--virtual-tokens", type=int, help=f"prompt/prefix tuning: soft-prompt length "
                                                       f"(default: {DEFAULTS['virtual_tokens']})")
     g.add_argument("--prompt-init", metavar="TEXT", help="prompt tuning: initialise from this text's embeddings")
     g.add_argument("--prompt-encoder-hidden", type=int, metavar="H",
                    help="prompt tuning: a P-tuning MLP encoder of this width")
+    g.add_argument("--train-tokens", metavar="LIST",
+                   help="prompt/prefix tuning: also train the embedding and LM-head rows of these tokens "
+                        "(comma-separated tokens or ids), 'auto' = the chat template's special tokens, which a "
+                        "base model may never have seen and a soft prompt alone cannot teach it to emit; 'none' = "
+                        "a pure soft prompt (default: auto)")
     g = p.add_argument_group("checks")
     g.add_argument("--eval-tasks", metavar="FILE", help="exact-match accuracy on these examples before and after")
     g.add_argument("--eval-max-new-tokens", type=int, help="answer length limit for --eval-tasks (default: 32)")
@@ -197,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     seq_len = min(int(opts["seq_len"]), base.config.max_seq_len)
 
     # ---- encode -------------------------------------------------------------------------------------
-    room = seq_len - (opts["virtual_tokens"] if opts["method"] == "prompt" else 0)
+    room = seq_len - (opts["virtual_tokens"] if opts["method"] in ("prompt", "prefix") else 0)
     if room < 2:
         raise LmsmithError(f"--seq-len {seq_len} leaves no room after {opts['virtual_tokens']} virtual tokens")
     if dpo:
@@ -314,15 +324,41 @@ def _apply_method(opts: dict, base, tokenizer):
         return base, trainable, (lora_disabled if dpo else None), None, f"LoRA r={cfg.r}", cfg
     from ..adapters import PromptTuningConfig, apply_prompt_tuning
 
+    token_ids = _train_token_ids(opts["train_tokens"], tokenizer)
     pcfg = PromptTuningConfig(n_virtual_tokens=int(opts["virtual_tokens"]), init_text=opts["prompt_init"],
-                              encoder_hidden=opts["prompt_encoder_hidden"])
+                              encoder_hidden=opts["prompt_encoder_hidden"], train_tokens=tuple(token_ids),
+                              deep=method == "prefix")
     wrapped = apply_prompt_tuning(base, pcfg, tokenizer)
     trainable = wrapped.prompt_parameters()
     # The reference for DPO is the wrapped base without the prompt (frozen already; no copy).
     reference = base if dpo else None
-    print(f"prompt tuning: {pcfg.n_virtual_tokens} virtual tokens, {sum(p.numel() for p in trainable):,} "
+    rows = (f", plus the embedding/head rows of {len(token_ids)} tokens "
+            f"({' '.join(repr(tokenizer.id_to_token(i)) for i in token_ids)})" if token_ids else "")
+    kind = "prefix tuning (keys/values in every layer) with" if pcfg.deep else "prompt tuning:"
+    print(f"{kind} {pcfg.n_virtual_tokens} virtual tokens{rows}; {sum(p.numel() for p in trainable):,} "
           f"trainable parameters; base frozen")
     return wrapped, trainable, None, reference, f"{pcfg.n_virtual_tokens} virtual tokens", None
+
+
+def _train_token_ids(spec, tokenizer) -> list[int]:
+    """--train-tokens: 'auto' (the chat template's special tokens), 'none', or comma-separated tokens / ids."""
+    from ..errors import LmsmithError
+
+    spec = str(spec).strip()
+    if spec == "auto":
+        return tokenizer.template_token_ids()
+    if spec in ("none", ""):
+        return []
+    ids = []
+    for item in (t.strip() for t in spec.split(",")):
+        if not item:
+            continue
+        i = int(item) if item.isdigit() else tokenizer.token_to_id(item)
+        if i is None or not 0 <= i < tokenizer.vocab_size:
+            raise LmsmithError(f"--train-tokens: {item!r} is not a token of this tokenizer (give tokens such as "
+                               f"'<|im_end|>' or ids below {tokenizer.vocab_size}, 'auto' or 'none')")
+        ids.append(i)
+    return sorted(set(ids))
 
 
 def _save_outputs(opts: dict, out: Path, model, tokenizer, lora_cfg, result) -> list[Path]:

@@ -58,7 +58,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> t
     targets = labels[keep]  # (N,)
     if _is_plain(model):
         h = model.hidden_states(input_ids)[keep]  # (N, D)
-        logits = model.lm_head(h).float()  # (N, V)
+        logits = (model.logits(h) if hasattr(model, "logits") else model.lm_head(h)).float()  # (N, V)
     else:
         logits = model(input_ids)[keep].float()  # (N, V)
     tok_lp = -F.cross_entropy(logits, targets, reduction="none")  # (N,)

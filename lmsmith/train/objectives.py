@@ -41,8 +41,12 @@ def causal_lm_objective(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
     if n != labels.numel():
         h, labels = h[keep], labels[keep]  # (N, D), (N,)
     head = model.lm_head
-    if type(head) is torch.nn.Linear and head.bias is None:
-        loss_sum = linear_cross_entropy(h, head.weight, labels)
+    # A wrapper may patch rows of the head (prompt tuning's trained token rows): it says so by output_weight().
+    weight = model.output_weight() if hasattr(model, "output_weight") else None
+    if weight is None and type(head) is torch.nn.Linear and head.bias is None:
+        weight = head.weight
+    if weight is not None:
+        loss_sum = linear_cross_entropy(h, weight, labels)
     else:  # a wrapped head (LoRA, quantized): go through its forward
         loss_sum = F.cross_entropy(head(h).float(), labels, reduction="sum")
     return loss_sum, {}, n
