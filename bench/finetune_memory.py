@@ -1,4 +1,4 @@
-"""Peak memory and step time: full fine-tuning against LoRA (r=8, r=16) and prompt tuning.
+"""Peak memory and step time: full fine-tuning against LoRA (r=8, r=16), prompt and prefix tuning.
 
 Each configuration runs in its own subprocess so its peak RSS is clean: build the model
 (random init), apply the method, then a few SFT steps (the loop's `accumulate_gradients`
@@ -20,7 +20,7 @@ import time
 
 RUNS = [
     ("base", "fp32", "full", 0), ("base", "fp32", "lora", 8), ("base", "fp32", "lora", 16),
-    ("base", "fp32", "prompt", 20),
+    ("base", "fp32", "prompt", 20), ("base", "fp32", "prefix", 20),
     ("llama-3.2-1b", "bf16", "lora", 8), ("llama-3.2-1b", "bf16", "lora", 16),
 ]
 
@@ -41,10 +41,10 @@ def child(preset_name: str, dtype: str, method: str, size: int, batch: int, seq:
         from lmsmith.adapters import LoraConfig, apply_lora
 
         params = apply_lora(model, LoraConfig(r=size, alpha=2 * size))
-    elif method == "prompt":
+    elif method in ("prompt", "prefix"):
         from lmsmith.adapters import PromptTuningConfig, apply_prompt_tuning
 
-        model = apply_prompt_tuning(model, PromptTuningConfig(n_virtual_tokens=size))
+        model = apply_prompt_tuning(model, PromptTuningConfig(n_virtual_tokens=size, deep=method == "prefix"))
         params = model.prompt_parameters()
     else:
         params = list(model.parameters())

@@ -117,49 +117,54 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None and mask is None and T > 1 and torch.is_grad_enabled() and _fits(B, self.n_heads, T):
-            return self.o_proj(_causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
             if T == 1:
                 return self.o_proj(_one_query_attention(q, k, v, mask).reshape(B, 1, -1))
+        S = k.shape[2]
+        if mask is None and T > 1:  # causal, the T new tokens after S - T earlier keys
+            if torch.is_grad_enabled() and _fits(B, self.n_heads, T, S):
+                return self.o_proj(_causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+            if S > T:  # SDPA's is_causal aligns the triangle top-left: spell the offset out
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         # enable_gqa lets SDPA share each K/V head across its query group without
         # materialising repeat_interleave copies (same result, less memory traffic).
-        # mask None: plain causal attention over T == S (the training path, flash kernels).
+        # mask None: plain causal attention over T == S (flash kernels).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 # Training at short context: explicit attention beats the CPU flash kernel (~15% of a
-# `small` step) but materialises (B, H, T, T) scores, so it is used only below this size.
+# `small` step) but materialises (B, H, T, S) scores, so it is used only below this size.
 _EXPLICIT_ATTENTION_MAX_BYTES = 256 * 2**20
 
 
-def _fits(B: int, H: int, T: int) -> bool:
-    return B * H * T * T * 4 <= _EXPLICIT_ATTENTION_MAX_BYTES
+def _fits(B: int, H: int, T: int, S: int) -> bool:
+    return B * H * T * S * 4 <= _EXPLICIT_ATTENTION_MAX_BYTES
 
 
 _CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh) + causal) v for q (B, H, T, Dh), k/v (B, K, T, Dh) -> (B, H, T, Dh).
+    """softmax(q k^T / sqrt(Dh) + causal) v for q (B, H, T, Dh), k/v (B, K, S, Dh) -> (B, H, T, Dh).
 
+    The T queries are the last T of the S keys (S > T: a prefix or earlier chunk every query sees).
     Each K/V head serves its group of H/K query heads through one batched matmul,
     without repeating K/V: q is viewed as (B, K, H/K * T, Dh).
     """
     B, H, T, D = q.shape
-    K = k.shape[1]
+    K, S = k.shape[1], k.shape[2]
     rep = H // K
-    key = (T, q.device, q.dtype)
+    key = (T, S, q.device, q.dtype)
     if key not in _CAUSAL_BIAS:
-        _CAUSAL_BIAS[key] = torch.full((T, T), float("-inf"), device=q.device).triu(1).to(q.dtype)
+        _CAUSAL_BIAS[key] = torch.full((T, S), float("-inf"), device=q.device).triu(1 + S - T).to(q.dtype)
     k, v = k.to(q.dtype), v.to(q.dtype)
-    q = q * D**-0.5  # scale the (T, Dh) queries rather than the (T, T) scores
-    scores = (q.reshape(B, K, rep * T, D) @ k.transpose(-1, -2)).view(B, K, rep, T, T)
+    q = q * D**-0.5  # scale the (T, Dh) queries rather than the (T, S) scores
+    scores = (q.reshape(B, K, rep * T, D) @ k.transpose(-1, -2)).view(B, K, rep, T, S)
     probs = torch.softmax(scores + _CAUSAL_BIAS[key], dim=-1)
-    return (probs.view(B, K, rep * T, T) @ v).view(B, H, T, D)
+    return (probs.view(B, K, rep * T, S) @ v).view(B, H, T, D)
 
 
 def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -310,10 +315,7 @@ def _attention_mask(attention_mask, B, T, past, device) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask for SDPA, or None when plain causal attention suffices."""
     S = past + T
     if attention_mask is None:
-        if past == 0 or T == 1:
-            return None  # plain causal, or one new token that sees every cached key
-        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
-        return causal[None, None].expand(B, 1, T, S)
+        return None  # plain causal: the attention applies it (with the offset of `past` cached keys)
     keys = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
     mask = keys & causal[None, None]

@@ -163,6 +163,16 @@ def test_cli_prefix_tuning_trains_keys_values_and_template_rows(task, tmp_path, 
     assert meta["peft_type"] == "PREFIX_TUNING"
     assert main(["eval", str(task / "model"), "--tasks", str(task / "heldout.jsonl"), "--adapter",
                  str(out / "adapter")]) == 0
+    # Continuous fine-tuning: a second run starts from the saved prefix and its token rows.
+    saved_kv = w.prefix_kv.detach().clone()
+    common = ["--data", str(task / "train.jsonl"), "--adapter", str(out / "adapter"), "--max-steps", "2",
+              "--batch-size", "8", "--save-every", "0", "--out", str(tmp_path / "again"), *COMMON]
+    assert main(["finetune", str(task / "model"), "--method", "prefix", *common]) == 0
+    torch.testing.assert_close(seen["kv"], saved_kv)
+    assert seen["model"].prompt_config.train_tokens == w.prompt_config.train_tokens
+    capsys.readouterr()
+    assert main(["finetune", str(task / "model"), "--method", "prompt", *common]) == 1
+    assert "is a PREFIX_TUNING adapter; continue it with --method prefix" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,expect", [

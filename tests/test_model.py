@@ -27,17 +27,19 @@ def ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
 # ---- KV cache ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("grad", [False, True])  # SDPA with an offset mask / explicit attention with an offset
 @pytest.mark.parametrize("chunks", [[1] * 6, [5, 1, 1, 1], [3, 4, 1, 1], [2, 3, 4], [9]])
-@torch.no_grad()
-def test_cache_matches_full_forward(model, chunks):
+def test_cache_matches_full_forward(model, chunks, grad):
     """Prefill chunk(s) then single tokens: every step's logits equal the full forward's."""
     x = ids(sum(chunks), batch=2)
-    full = model(x)  # (B, T, V)
+    with torch.no_grad():
+        full = model(x)  # (B, T, V)
     cache = KVCache(model.config, batch_size=2, max_len=32)
     start = 0
     for n in chunks:
-        out = model(x[:, start:start + n], cache=cache)
-        torch.testing.assert_close(out, full[:, start:start + n], atol=1e-5, rtol=0)
+        with torch.set_grad_enabled(grad):
+            out = model(x[:, start:start + n], cache=cache)
+        torch.testing.assert_close(out.detach(), full[:, start:start + n], atol=1e-5, rtol=0)
         start += n
         assert cache.length == start
 

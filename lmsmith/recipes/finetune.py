@@ -42,9 +42,10 @@ format), prefix (the virtual tokens' keys and values in every layer: prefix tuni
 P-tuning v2, peft's PREFIX_TUNING; much stronger than prompt on small models). prompt
 and prefix also train the embedding/head rows of the chat template's special tokens
 (--train-tokens auto; the base weights stay untouched). --adapter PATH continues
-training an existing LoRA adapter. --objective dpo trains on preference pairs against
-a frozen reference (LoRA: the base with the adapter off; full: a frozen copy;
-prompt/prefix: the base without the prompt).
+training an existing adapter of the chosen method (peft format, ours or peft's).
+--objective dpo trains on preference pairs against a frozen reference (LoRA: the
+base with the adapter off; full: a frozen copy; prompt/prefix: the base without
+the prompt).
 
 Checks: --eval-tasks FILE measures exact-match accuracy before and after;
 --ref-data FILE measures perplexity on reference text before and after, so
@@ -120,7 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", help="full | lora | prompt | prefix (default: full)")
     g.add_argument("--objective", help="sft | dpo (default: sft)")
     g.add_argument("--beta", type=float, help=f"DPO temperature (default: {DEFAULTS['beta']})")
-    g.add_argument("--adapter", metavar="PATH", help="continue training this LoRA adapter (peft format)")
+    g.add_argument("--adapter", metavar="PATH", help="continue training this adapter (peft format: LoRA with "
+                                                      "--method lora, PROMPT_TUNING with prompt, PREFIX_TUNING "
+                                                      "with prefix)")
     g.add_argument("--merge", action="store_true", default=None, help="LoRA: also write OUT/merged/ (HF directory)")
     g.add_argument("--lora-r", type=int, help=f"LoRA rank (default: {DEFAULTS['lora_r']})")
     g.add_argument("--lora-alpha", type=float, help=f"LoRA alpha (default: {DEFAULTS['lora_alpha']:g})")
@@ -157,8 +160,17 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if not opts["data"]:
         raise LmsmithError("--data FILE is required (instruction or preference data; "
                            "`lmsmith data synth` makes a demo set)")
-    if opts["adapter"] and opts["method"] != "lora":
-        raise LmsmithError("--adapter continues a LoRA adapter; use it with --method lora")
+    if opts["adapter"]:
+        from ..adapters import adapter_type
+
+        kind = adapter_type(opts["adapter"])
+        method = {"LORA": "lora", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}[kind]
+        if opts["method"] != method:
+            raise LmsmithError(f"--adapter {opts['adapter']} is a {kind} adapter; continue it with --method {method}")
+        if method != "lora":  # the adapter fixes the soft-prompt length
+            from ..adapters.lora import read_adapter_config
+
+            opts["virtual_tokens"] = int(read_adapter_config(opts["adapter"]).get("num_virtual_tokens") or 0)
     if opts["lr"] is None:
         opts["lr"] = DEFAULT_LR[(opts["method"], opts["objective"])]
     return opts
@@ -324,11 +336,17 @@ def _apply_method(opts: dict, base, tokenizer):
         return base, trainable, (lora_disabled if dpo else None), None, f"LoRA r={cfg.r}", cfg
     from ..adapters import PromptTuningConfig, apply_prompt_tuning
 
-    token_ids = _train_token_ids(opts["train_tokens"], tokenizer)
-    pcfg = PromptTuningConfig(n_virtual_tokens=int(opts["virtual_tokens"]), init_text=opts["prompt_init"],
-                              encoder_hidden=opts["prompt_encoder_hidden"], train_tokens=tuple(token_ids),
-                              deep=method == "prefix")
-    wrapped = apply_prompt_tuning(base, pcfg, tokenizer)
+    if opts["adapter"]:  # continue training an existing soft prompt (its own settings and token rows)
+        from ..adapters import load_prompt_tuning
+
+        wrapped = load_prompt_tuning(base, opts["adapter"])
+        pcfg, token_ids = wrapped.prompt_config, list(wrapped.prompt_config.train_tokens)
+    else:
+        token_ids = _train_token_ids(opts["train_tokens"], tokenizer)
+        pcfg = PromptTuningConfig(n_virtual_tokens=int(opts["virtual_tokens"]), init_text=opts["prompt_init"],
+                                  encoder_hidden=opts["prompt_encoder_hidden"], train_tokens=tuple(token_ids),
+                                  deep=method == "prefix")
+        wrapped = apply_prompt_tuning(base, pcfg, tokenizer)
     trainable = wrapped.prompt_parameters()
     # The reference for DPO is the wrapped base without the prompt (frozen already; no copy).
     reference = base if dpo else None
