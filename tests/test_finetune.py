@@ -98,6 +98,14 @@ def test_lora_resume_equals_uninterrupted_run(task, tmp_path, monkeypatch):
     part = tmp_path / "part"
     monkeypatch.setattr(InstructBatches, "__next__", interrupt_at_7)
     assert main(args(part)) == 130
+    # The checkpoints of an adapter run hold the adapter's tensors and train_state/, not the frozen base.
+    ckpt = sorted((part / "checkpoints").iterdir())[-1]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["train_state", "trainable.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "trainable.safetensors"), "pt") as f:
+        names = list(f.keys())  # noqa: SIM118 - a safetensors handle is not iterable
+    assert names and all(".lora_A." in k or ".lora_B." in k for k in names)
     monkeypatch.setattr(InstructBatches, "__next__", original)
     assert main(args(part, "--resume")) == 0
     a = {r["step"]: r["loss"] for r in _rows(full) if "loss" in r}

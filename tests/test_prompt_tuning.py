@@ -342,3 +342,24 @@ def test_deep_prompt_round_trip_and_peft_prefix_tuning(tmp_path):
     with torch.no_grad():
         theirs = pm2(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         torch.testing.assert_close(ours(ids), theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_run_resumes_exactly_from_its_small_checkpoint(tmp_path):
+    def run(out, steps, resume=False):
+        torch.manual_seed(0)
+        w = apply_prompt_tuning(_model(scale=1.0, init_std=0.1),
+                                PromptTuningConfig(n_virtual_tokens=4, deep=True, train_tokens=TOKENS))
+        cfg = TrainConfig(lr=LR, warmup_steps=0, max_steps=steps, save_every=0, log_every=1, dtype="fp32",
+                          progress=False, peak_flops=1e12, weight_decay=0.0, schedule="constant")
+        res = train(w, _token_batches(), causal_lm_objective, cfg, out_dir=out, trainable_params=w.prompt_parameters(),
+                    resume=resume)
+        return w, res
+
+    whole, _ = run(tmp_path / "a", 8)
+    _, first = run(tmp_path / "b", 4)
+    assert first.final_dir is None  # adapters are saved in their own format, not as a whole model
+    files = sorted(p.name for p in first.checkpoint.iterdir())
+    assert files == ["train_state", "trainable.safetensors"]
+    resumed, _ = run(tmp_path / "b", 8, resume=True)
+    assert torch.equal(resumed.prefix_kv, whole.prefix_kv)
+    assert torch.equal(resumed.token_embeddings, whole.token_embeddings)

@@ -7,8 +7,9 @@ optional packing) -> apply the method (full / LoRA / prompt or prefix tuning) ->
 DPO objective -> save (final/ HF directory, or adapter/ in peft format, + merged/) ->
 measure "after" -> summary.
 
-Checkpoints during training are the loop's: the whole (possibly wrapped) model's state
-dict plus train_state/, so `--resume` continues a LoRA or prompt-tuning run exactly.
+Checkpoints during training are the loop's: the whole model plus train_state/ for full
+fine-tuning; for LoRA, prompt and prefix tuning only the trained tensors (by name) plus
+train_state/, so they stay small and `--resume` continues the run exactly.
 """
 
 from __future__ import annotations
@@ -380,8 +381,8 @@ def _train_token_ids(spec, tokenizer) -> list[int]:
 
 
 def _save_outputs(opts: dict, out: Path, model, tokenizer, lora_cfg, result) -> list[Path]:
-    """full: the loop's final/; lora/prompt: adapter/ (+ merged/), replacing the loop's final/, which holds
-    the wrapped state dict (LoRA's `base_layer` names, the soft prompt) that other tools cannot read."""
+    """full: the loop's final/; lora/prompt/prefix: adapter/ in peft's format (+ merged/ for LoRA; the loop
+    writes no final/ when only adapters train)."""
     import copy
 
     from ..checkpoint import save
@@ -390,8 +391,6 @@ def _save_outputs(opts: dict, out: Path, model, tokenizer, lora_cfg, result) -> 
         return [result.checkpoint] if result.checkpoint else []
     if opts["method"] == "full":
         return [result.final_dir]
-    if result.final_dir is not None and result.final_dir.exists():
-        shutil.rmtree(result.final_dir)
     adapter = out / "adapter"
     written = [adapter]
     if opts["method"] == "lora":

@@ -9,8 +9,10 @@ Run folder layout (`out_dir`):
 
     metrics.jsonl                one JSON row per log / eval / sample event
     loss.png                     train and validation loss, written at the end
-    checkpoints/step-XXXXXXX/    HF directory + train_state/ (the last `keep_last`)
-    final/                       HF directory of the final model (no train_state)
+    checkpoints/step-XXXXXXX/    HF directory + train_state/ (the last `keep_last`); when only some
+                                 parameters train (adapters), just those + train_state/
+    final/                       HF directory of the final model (no train_state; not written when
+                                 only adapters train: save them in their own format)
 """
 
 from __future__ import annotations
@@ -379,6 +381,11 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     groups = param_groups(model, cfg.weight_decay, trainable_params)
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps)
+    # Adapters train a few tensors of a frozen base: checkpoint only those.
+    trained_ids = {id(p) for p in params}
+    trainable = None
+    if len(trained_ids) < len({id(p) for p in model.parameters()}):
+        trainable = {n: p for n, p in model.named_parameters() if id(p) in trained_ids}
 
     start_step, rows, resumed_from, tokens_before = 0, [], None, 0
     if resume:
@@ -416,7 +423,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     def checkpoint(step: int, data, rng) -> Path:
         path = st.save_checkpoint(ckpt_root, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
                                   config=cfg.to_dict(), data_state=data, rng=rng, metrics=log.rows,
-                                  extra={"tokens": tokens_before + tokens_run})
+                                  extra={"tokens": tokens_before + tokens_run}, trainable=trainable)
         st.prune_checkpoints(ckpt_root, cfg.keep_last)
         return path
 
@@ -535,8 +542,9 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
             last_eval = run_eval(step)
         if step > start_step or st.latest_checkpoint(ckpt_root) is None:
             last_ckpt = checkpoint(step, data_state(), st.get_rng_state())
-        final_dir = out_dir / "final"
-        st.save_model(model, tokenizer, final_dir)
+        if trainable is None:
+            final_dir = out_dir / "final"
+            st.save_model(model, tokenizer, final_dir)
         note = plot_loss_curve(log.rows, out_dir / "loss.png")
         if note:
             print(f"note: {note}", file=sys.stderr)

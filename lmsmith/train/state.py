@@ -1,7 +1,10 @@
 """Run state: atomic checkpoints with `train_state/`, resume, RNG.
 
 A checkpoint is `out_dir/checkpoints/step-XXXXXXX/`: a loadable Hugging Face
-directory (written by `lmsmith.checkpoint.save`) plus `train_state/`:
+directory (written by `lmsmith.checkpoint.save`) plus `train_state/`. When only
+some parameters train (LoRA, prompt/prefix tuning: the base is frozen), the
+folder holds just those, by name, in `trainable.safetensors` plus `train_state/`:
+a checkpoint of a LoRA run on an 8B model is megabytes, not 16 GB.
 
     train_state/optimizer.safetensors   optimizer tensors (exp_avg, exp_avg_sq, step)
     train_state/rng.safetensors         torch CPU/CUDA generator states
@@ -125,10 +128,17 @@ def save_model(model, tokenizer, path: Path) -> Path:
     return save(model, tokenizer, path)
 
 
+TRAINABLE_FILE = "trainable.safetensors"
+
+
 def save_checkpoint(ckpt_root: Path, step: int, *, model, tokenizer, optimizer, config: dict,
                     data_state: Any, rng: tuple[dict, dict], metrics: list[dict],
-                    extra: dict | None = None) -> Path:
-    """Write `ckpt_root/step-XXXXXXX/` atomically (HF directory + train_state/); return its path."""
+                    extra: dict | None = None, trainable: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `ckpt_root/step-XXXXXXX/` atomically (HF directory + train_state/); return its path.
+
+    With `trainable` ({name: parameter}) only those tensors are written (`trainable.safetensors`),
+    not the whole model: the frozen rest is rebuilt from the base on resume.
+    """
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = optimizer_to_files(optimizer)
@@ -156,9 +166,16 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, tokenizer, optimizer, 
         save_file(rng_tensors, str(ts / "rng.safetensors"))
         (ts / "state.json").write_text(state_json)
 
-    from ..checkpoint import save
+    from ..checkpoint import save, save_atomic_dir
 
     final = ckpt_root / step_dir_name(step)
+    if trainable is not None:
+        def write(directory: Path) -> None:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()},
+                      str(directory / TRAINABLE_FILE))
+            write_train_state(directory)
+
+        return save_atomic_dir(final, write)
     # One atomic write for the HF files and train_state/ together.
     save(model, tokenizer, final, extra=write_train_state)
     return final
@@ -203,8 +220,22 @@ def clean_temporaries(ckpt_root: Path) -> None:
 
 
 def load_model_weights(model, path: Path) -> None:
-    """Copy the weights of an HF checkpoint folder into `model` in place (exact, no dtype change)."""
+    """Copy the weights of a checkpoint folder into `model` in place (exact, no dtype change).
+
+    An adapter-only checkpoint (`trainable.safetensors`) sets just the parameters it names;
+    every one of them must exist in `model` (the same method and settings as the run)."""
     path = Path(path)
+    if (path / TRAINABLE_FILE).exists():
+        named = dict(model.named_parameters())
+        saved = load_file(str(path / TRAINABLE_FILE))
+        bad = [k for k, v in saved.items() if k not in named or named[k].shape != v.shape]
+        if bad:
+            raise LmsmithError(f"{path / TRAINABLE_FILE}: {bad[0]!r} does not fit the model being trained; "
+                               f"resume with the same method and settings (rank, virtual tokens, targets)")
+        with torch.no_grad():
+            for k, v in saved.items():
+                named[k].copy_(v)
+        return
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise LmsmithError(f"{path}: no *.safetensors weights found; is this a checkpoint folder?")
