@@ -45,7 +45,7 @@ class ModelConfig:
         tie_embeddings: LM head shares the embedding matrix.
         qkv_bias: bias on q/k/v projections (Qwen2).
         arch: "llama", "qwen2" or "mistral" (decides the HF architecture we write).
-        sliding_window: Mistral's window, kept for round-tripping (None = full attention).
+        sliding_window: Mistral's attention window (None = full attention); applied for arch "mistral".
     """
 
     vocab_size: int = 4096

@@ -110,6 +110,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Mistral's sliding window: a query sees itself and the window - 1 keys before it.
+        # (Qwen2 configs carry a window too but their use_sliding_window is off.)
+        self.window = cfg.sliding_window if cfg.arch == "mistral" else None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -120,13 +123,17 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
             if T == 1:
+                if self.window is not None and k.shape[2] > self.window:  # only the last `window` keys
+                    k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+                    mask = mask[..., -self.window:] if mask is not None else None
                 return self.o_proj(_one_query_attention(q, k, v, mask).reshape(B, 1, -1))
         S = k.shape[2]
+        windowed = self.window is not None and self.window < S
         if mask is None and T > 1:  # causal, the T new tokens after S - T earlier keys
             if torch.is_grad_enabled() and _fits(B, self.n_heads, T, S):
-                return self.o_proj(_causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
-            if S > T:  # SDPA's is_causal aligns the triangle top-left: spell the offset out
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+                return self.o_proj(_causal_attention(q, k, v, self.window).transpose(1, 2).reshape(B, T, -1))
+            if S > T or windowed:  # SDPA's is_causal aligns the triangle top-left: spell the offset out
+                mask = _causal_keep(T, S, self.window, x.device)
         # enable_gqa lets SDPA share each K/V head across its query group without
         # materialising repeat_interleave copies (same result, less memory traffic).
         # mask None: plain causal attention over T == S (flash kernels).
@@ -147,19 +154,30 @@ def _fits(B: int, H: int, T: int, S: int) -> bool:
 _CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _causal_keep(T: int, S: int, window: int | None, device) -> torch.Tensor:
+    """(T, S) boolean: query t (absolute position S - T + t) may see key s (s <= its position, and
+    within the last `window` positions when a sliding window is set)."""
+    keep = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    if window is not None:
+        keep &= ~torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T - window)
+    return keep
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh) + causal) v for q (B, H, T, Dh), k/v (B, K, S, Dh) -> (B, H, T, Dh).
 
-    The T queries are the last T of the S keys (S > T: a prefix or earlier chunk every query sees).
+    The T queries are the last T of the S keys (S > T: a prefix or earlier chunk every query sees);
+    with a sliding `window` each sees only the last `window` positions up to its own.
     Each K/V head serves its group of H/K query heads through one batched matmul,
     without repeating K/V: q is viewed as (B, K, H/K * T, Dh).
     """
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     rep = H // K
-    key = (T, S, q.device, q.dtype)
+    key = (T, S, window, q.device, q.dtype)
     if key not in _CAUSAL_BIAS:
-        _CAUSAL_BIAS[key] = torch.full((T, S), float("-inf"), device=q.device).triu(1 + S - T).to(q.dtype)
+        keep = _causal_keep(T, S, window, q.device)
+        _CAUSAL_BIAS[key] = torch.zeros(T, S, device=q.device).masked_fill(~keep, float("-inf")).to(q.dtype)
     k, v = k.to(q.dtype), v.to(q.dtype)
     q = q * D**-0.5  # scale the (T, Dh) queries rather than the (T, S) scores
     scores = (q.reshape(B, K, rep * T, D) @ k.transpose(-1, -2)).view(B, K, rep, T, S)
@@ -265,7 +283,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, _compute_dtype(x))
-        mask = _attention_mask(attention_mask, B, T, past, x.device)
+        window = self.config.sliding_window if self.config.arch == "mistral" else None
+        mask = _attention_mask(attention_mask, B, T, past, x.device, window)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
@@ -311,14 +330,16 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
 
-def _attention_mask(attention_mask, B, T, past, device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, S) mask for SDPA, or None when plain causal attention suffices."""
+def _attention_mask(attention_mask, B, T, past, device, window: int | None = None) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask for SDPA, or None when plain causal attention suffices.
+
+    Positions are cache columns, padding included, as in transformers (so is the sliding window).
+    """
     S = past + T
     if attention_mask is None:
         return None  # plain causal: the attention applies it (with the offset of `past` cached keys)
     keys = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
-    mask = keys & causal[None, None]
+    mask = keys & _causal_keep(T, S, window, device)[None, None]
     # A fully masked row (a padding query) would give NaN; let it see itself instead.
     diag = torch.zeros(T, S, dtype=torch.bool, device=device)
     diag[torch.arange(T), past + torch.arange(T)] = True

@@ -112,3 +112,47 @@ def test_beam_with_processors_equals_transformers(models, kw):
     prompts = _prompts((7,), 3)
     common = dict(max_new_tokens=12, num_beams=4, num_return_sequences=2)
     assert _ours(model, prompts, strategy="beam", **common, **kw) == _hf(hf, prompts, **common, **kw)
+
+
+# ---- Mistral's sliding window ----------------------------------------------------------------------
+
+WINDOW = 5
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                      max_seq_len=64, tie_embeddings=False, arch="mistral", sliding_window=WINDOW)
+    model = build_model(cfg, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**cfg.to_hf(bos_id=1, eos_id=EOS, pad_id=PAD)))
+    hf.config._attn_implementation = "eager"
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing)
+    return model.eval(), hf.eval()
+
+
+@pytest.mark.parametrize("grad", [False, True])  # SDPA with a window mask / explicit attention
+def test_sliding_window_logits_equal_transformers(mistral, grad):
+    model, hf = mistral
+    ids = torch.randint(4, 128, (2, 4 * WINDOW), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf(input_ids=ids).logits
+    with torch.set_grad_enabled(grad):
+        ours = model(ids)
+    torch.testing.assert_close(ours.detach(), theirs, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the window changes the result: full attention differs
+        model.model.layers[0].self_attn.window = None
+        try:
+            assert not torch.allclose(model(ids), theirs, atol=1e-2)
+        finally:
+            model.model.layers[0].self_attn.window = WINDOW
+
+
+@pytest.mark.parametrize("lengths", [(6,), (5, 9, 3, 7)])
+def test_sliding_window_greedy_equals_transformers(mistral, lengths):
+    model, hf = mistral
+    for seed in range(2):
+        prompts = _prompts(lengths, seed)
+        assert _ours(model, prompts, max_new_tokens=15) == _hf(hf, prompts, max_new_tokens=15)
