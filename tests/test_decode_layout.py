@@ -90,3 +90,11 @@ def test_lora_attaches_to_and_merges_into_a_decode_layout_model():
     merged = merge_lora(lora)
     with torch.inference_mode():
         torch.testing.assert_close(merged(ids), before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_keep_their_layout(dtype):
+    # MKL's half-precision matrix-vector kernels are fastest on row-major weights.
+    model = use_decode_layout(_model().to(dtype), threads=2)
+    assert not any(type(m) is DecodeLinear for m in model.modules())
+    assert model.model.layers[0].mlp.up_proj.weight.is_contiguous()
