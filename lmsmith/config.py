@@ -111,6 +111,12 @@ class ModelConfig:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return total
 
+    @property
+    def attention_window(self) -> int | None:
+        """The sliding window attention applies: Mistral's; None (full attention) otherwise.
+        Qwen2 configs carry a window too, but with use_sliding_window off."""
+        return self.sliding_window if self.arch == "mistral" else None
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6*N (non-embedding matmuls incl. head) + attention."""
         t = seq_len or self.max_seq_len

@@ -110,9 +110,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        # Mistral's sliding window: a query sees itself and the window - 1 keys before it.
-        # (Qwen2 configs carry a window too but their use_sliding_window is off.)
-        self.window = cfg.sliding_window if cfg.arch == "mistral" else None
+        self.window = cfg.attention_window  # a query sees itself and the window - 1 keys before it
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -122,11 +120,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
-            if T == 1:
-                if self.window is not None and k.shape[2] > self.window:  # only the last `window` keys
-                    k, v = k[:, :, -self.window:], v[:, :, -self.window:]
-                    mask = mask[..., -self.window:] if mask is not None else None
-                return self.o_proj(_one_query_attention(q, k, v, mask).reshape(B, 1, -1))
+            if T == 1 and self.window is not None and k.shape[2] > self.window:  # only the last `window` keys
+                k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+                mask = mask[..., -self.window:] if mask is not None else None
         S = k.shape[2]
         windowed = self.window is not None and self.window < S
         if mask is None and T > 1:  # causal, the T new tokens after S - T earlier keys
@@ -183,21 +179,6 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
     scores = (q.reshape(B, K, rep * T, D) @ k.transpose(-1, -2)).view(B, K, rep, T, S)
     probs = torch.softmax(scores + _CAUSAL_BIAS[key], dim=-1)
     return (probs.view(B, K, rep * T, S) @ v).view(B, H, T, D)
-
-
-def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one new token: q (B, H, 1, Dh) over cached k/v (B, K, S, Dh) -> (B, H, 1, Dh).
-
-    A decode step's attention is a few tiny matmuls; spelled out, they cost a third of
-    SDPA's dispatch. Query heads are grouped per K/V head as in `_causal_attention`.
-    mask: None (every key visible) or boolean (B, 1, 1, S).
-    """
-    B, H, _, D = q.shape
-    K = k.shape[1]
-    scores = (q.reshape(B, K, H // K, D) * D**-0.5) @ k.transpose(-1, -2).to(q.dtype)  # (B, K, H/K, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v.to(q.dtype)).view(B, H, 1, D)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -283,8 +264,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, _compute_dtype(x))
-        window = self.config.sliding_window if self.config.arch == "mistral" else None
-        mask = _attention_mask(attention_mask, B, T, past, x.device, window)
+        mask = _attention_mask(attention_mask, B, T, past, x.device, self.config.attention_window)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
