@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import time
 import typing
 from pathlib import Path
 
-from .options import add_run_arguments, add_train_flags, resolve, train_fields
+from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, train_fields
 
 HELP = "fine-tune a model on instruction or preference data: full, LoRA, prompt or prefix tuning; SFT or DPO"
 DESCRIPTION = """Fine-tune MODEL (any HF directory: a pretrained, fine-tuned or merged model) on
@@ -201,13 +200,7 @@ def run(args: argparse.Namespace) -> int:
     eval_examples = read_examples(opts["eval_tasks"])[0] if opts["eval_tasks"] else None
     ref_texts = _ref_texts(opts["ref_data"]) if opts["ref_data"] else None
 
-    ckpts = out / "checkpoints"
-    if ckpts.exists() and any(ckpts.iterdir()) and not opts["resume"]:
-        if not opts["overwrite"]:
-            raise LmsmithError(f"{out} already holds a run; pass --resume to continue it, "
-                               "--out NEWDIR for a new one, or --overwrite to start afresh")
-        shutil.rmtree(ckpts)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]))
 
     # ---- model ------------------------------------------------------------------------------------
     base, tokenizer = load(opts["model"])

@@ -20,6 +20,21 @@ def add_run_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="start afresh even if --out holds a run (its checkpoints are deleted)")
 
 
+def prepare_run_folder(out, resume: bool, overwrite: bool) -> None:
+    """Create the run folder `out`; refuse to mix a new run into an old one unless told how."""
+    import shutil
+    from pathlib import Path
+
+    out = Path(out)
+    ckpts = out / "checkpoints"
+    if ckpts.exists() and any(ckpts.iterdir()) and not resume:
+        if not overwrite:
+            raise LmsmithError(f"{out} already holds a run; pass --resume to continue it, "
+                               "--out NEWDIR for a new one, or --overwrite to start afresh")
+        shutil.rmtree(ckpts)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def train_fields(skip: set[str]) -> list[tuple[dataclasses.Field, type]]:
     """TrainConfig's fields (and their resolved types) that a recipe offers as flags."""
     from ..train import TrainConfig

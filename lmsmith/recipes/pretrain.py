@@ -16,7 +16,7 @@ import time
 import typing
 from pathlib import Path
 
-from .options import add_run_arguments, add_train_flags, resolve, train_fields
+from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, train_fields
 
 HELP = "pretrain a model on raw text (default: the built-in Python corpus, ~10 min on 2 CPU cores)"
 DESCRIPTION = """Pretrain a decoder-only model by next-token prediction on raw text.
@@ -99,21 +99,12 @@ def resolve_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..config import preset
     from ..data import MixtureBatches, TokenShards, parse_source, prepare, sequential_batches
-    from ..errors import LmsmithError
     from ..train import TrainConfig, causal_lm_objective, sample_text, train
 
     t_start = time.time()
     opts = resolve_options(args)
     out = Path(opts["out"])
-    ckpts = out / "checkpoints"
-    if ckpts.exists() and any(ckpts.iterdir()) and not opts["resume"]:
-        if not opts["overwrite"]:
-            raise LmsmithError(f"{out} already holds a run; pass --resume to continue it, "
-                               "--out NEWDIR for a new one, or --overwrite to start afresh")
-        import shutil
-
-        shutil.rmtree(ckpts)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]))
 
     # ---- tokenizer and data --------------------------------------------------------------------
     sources = [parse_source(s) for s in opts["source"]] if opts["source"] else None
