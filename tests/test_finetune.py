@@ -1,5 +1,6 @@
 """`lmsmith finetune` end to end on a tiny model and synthetic tasks: SFT learns, DPO moves the margin,
-LoRA resumes exactly, prompt tuning leaves the base untouched, the forgetting check reports, errors are one line."""
+LoRA resumes exactly, prompt tuning leaves the base untouched and unlocks a skill the base learned in
+pretraining, the forgetting check reports, errors are one line."""
 
 import json
 import random
@@ -181,6 +182,36 @@ def test_cli_prefix_tuning_trains_keys_values_and_template_rows(task, tmp_path, 
     capsys.readouterr()
     assert main(["finetune", str(task / "model"), "--method", "prompt", *common]) == 1
     assert "is a PREFIX_TUNING adapter; continue it with --method prefix" in capsys.readouterr().err
+
+
+def test_prompt_tuning_unlocks_a_skill_the_base_learned_in_plain_text(tmp_path, capsys):
+    """The demo's story in small: pretraining on English text plus worked examples ("question\nanswer",
+    as the built-in corpus holds them) gives the skill; a soft prompt and the template's token rows,
+    with every base weight frozen, teach the model to use it when asked in the chat format."""
+    from pydoc_data.topics import topics
+
+    (tmp_path / "docs.txt").write_text("\n\n".join(t for _, t in sorted(topics.items()))[:400_000])
+    worked = [r for r in synth.generate_task("lookup", 4000, seed=5) if not synth.reserved(r["instruction"])]
+    (tmp_path / "lookup.txt").write_text("".join(f"{r['instruction']}\n{r['solution']}\n\n" for r in worked))
+    split = synth.write_synth("lookup", 600, tmp_path / "tasks", seed=0)  # held-out: reserved, never pretrained on
+    (tmp_path / "shape.yaml").write_text("model:\n  dim: 96\n  n_layers: 3\n  n_heads: 4\n  n_kv_heads: 2\n"
+                                         "  hidden_dim: 256\n")
+    base = tmp_path / "base"
+    assert main(["pretrain", "--config", str(tmp_path / "shape.yaml"), "--source", f"docs={tmp_path / 'docs.txt'}",
+                 "--source", f"tasks={tmp_path / 'lookup.txt'}:0.3", "--vocab-size", "1024", "--out", str(base),
+                 "--max-steps", "600", "--batch-size", "16", "--seq-len", "128", "--lr", "5e-3",
+                 "--eval-every", "0", "--save-every", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    rc = main(["finetune", str(base / "final"), "--data", str(split["train"]), "--method", "prompt",
+               "--virtual-tokens", "8", "--lr", "3e-2", "--max-steps", "200", "--batch-size", "16",
+               "--warmup-steps", "10", "--eval-tasks", str(split["heldout"]), "--save-every", "0",
+               "--out", str(tmp_path / "prompt"), "--dtype", "fp32", "--no-progress", "--seq-len", "96"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    m = re.search(r"Task accuracy ([\d.]+)% \(\d+/60\) -> ([\d.]+)% \((\d+)/60\)", text)
+    assert m, text
+    before, after = float(m.group(1)), float(m.group(2))
+    assert before == 0.0 and after >= 10.0, text  # about a thousand trained numbers; every base weight frozen
 
 
 @pytest.mark.parametrize("extra,expect", [

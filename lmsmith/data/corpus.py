@@ -1,6 +1,6 @@
-"""The embedded default corpus: text every Python installation carries.
+"""The embedded default corpus: text every Python installation carries, plus worked examples.
 
-Two sources, so `lmsmith pretrain` runs on a fresh machine with no download:
+Three sources, so `lmsmith pretrain` runs on a fresh machine with no download:
 
 - "code" (weight 0.7): the standard library's `.py` files (about 10 MB), found with
   `sysconfig`; left out: site-packages, test suites, `pydoc_data` (that is the "docs"
@@ -8,6 +8,12 @@ Two sources, so `lmsmith pretrain` runs on a fresh machine with no download:
   thousands of near-identical table lines teach a small model little) and files over 512 KB.
 - "docs" (weight 0.3): the interpreter's documentation topics (`pydoc_data.topics.topics`,
   about 0.5 MB of English), one document per topic, held in memory.
+- "tasks" (weight 0.1): about 0.85 MB of worked examples of the synthetic instruction tasks
+  (`synth.corpus_documents`: arithmetic, reversing and sorting words, unit conversion, reading a
+  capital from a list), written as plain text, never in a chat template. Real pretraining text
+  holds such worked examples too; with them the demo model learns the skills here, and fine-tuning
+  (even prompt tuning, which adds no weights to the model) teaches it to use them when asked in the
+  chat format. The questions held out for evaluation are never in it (`synth.reserved`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import sysconfig
 
 from ..errors import LmsmithError
 from .sources import Source
+from .synth import corpus_documents
 
 CODE_EXCLUDE = (
     "site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data",
@@ -35,8 +42,9 @@ def _pydoc_topics():
     return [(name, text) for name, text in sorted(topics.items())]
 
 
-def default_corpus_sources(code_weight: float = 0.7, docs_weight: float = 0.3) -> list[Source]:
-    """The embedded corpus as two sources: [Source "code" (stdlib .py files), Source "docs" (pydoc topics)].
+def default_corpus_sources(code_weight: float = 0.7, docs_weight: float = 0.3,
+                           tasks_weight: float = 0.1) -> list[Source]:
+    """The embedded corpus: [Source "code" (stdlib .py files), Source "docs" (pydoc topics), Source "tasks"].
 
     "docs" is omitted if this Python has no `pydoc_data`.
     """
@@ -51,4 +59,5 @@ def default_corpus_sources(code_weight: float = 0.7, docs_weight: float = 0.3) -
     ]
     if _pydoc_topics():
         sources.append(Source("docs", documents=_pydoc_topics, weight=docs_weight))
+    sources.append(Source("tasks", documents=corpus_documents, weight=tasks_weight))
     return sources

@@ -17,6 +17,13 @@ Tasks (all answers are short strings compared exactly after strip):
 `write_synth` writes train.jsonl and heldout.jsonl (disjoint by question) in the
 {"instruction", "solution"} format (plus "task"), and preference.jsonl
 ({"prompt", "chosen", "rejected"}, a wrong answer as rejected) from the train split for DPO.
+
+The embedded pretraining corpus carries a little of these tasks as plain text (`corpus_documents`:
+question on one line, answer on the next), the way worked examples appear in web text. So the demo
+base model has the skills but not the chat format, which is the situation instruction tuning is
+for, and the one in which a few virtual tokens (prompt tuning) can unlock them. A fixed fifth of
+the question space (`reserved`, by a hash of the question) never appears in that corpus, and
+held-out questions are drawn from it first, so held-out accuracy is never a memorised answer.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,12 +130,32 @@ def generate_task(task: str, n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def reserved(question: str) -> bool:
+    """True for the fifth of all questions kept out of the pretraining corpus (a fixed hash partition)."""
+    return zlib.crc32(question.encode("utf-8")) % 5 == 0
+
+
+def corpus_documents(n: int = 30_000, seed: int = 20_24, per_document: int = 40) -> list[tuple[str, str]]:
+    """Plain-text worked examples for the pretraining corpus: [(doc_id, text), ...].
+
+    Each document holds `per_document` examples written "question\nanswer\n\n": the answer starts a
+    line, as it does after a chat template's assistant header, so it tokenizes the same way in both.
+    Questions for which `reserved` is true are left out.
+    """
+    rows = [r for r in generate_task("mix", n, seed) if not reserved(r["instruction"])]
+    return [(f"tasks-{i // per_document:04d}",
+             "".join(f"{r['instruction']}\n{r['solution']}\n\n" for r in rows[i:i + per_document]))
+            for i in range(0, len(rows), per_document)]
+
+
 def write_synth(task: str, n: int, out: str | os.PathLike, seed: int = 0,
                 heldout_fraction: float = 0.1) -> dict:
     """Generate `n` questions and write train.jsonl, heldout.jsonl and preference.jsonl under `out`.
 
-    Returns {"train": path, "heldout": path, "preference": path, "n_train", "n_heldout", "tasks"}.
-    Held-out questions never appear in train.jsonl or preference.jsonl.
+    Returns {"train": path, "heldout": path, "preference": path, "n_train", "n_heldout",
+    "heldout_in_corpus", "tasks"}. Held-out questions never appear in train.jsonl or preference.jsonl;
+    they are `reserved` questions (absent from the pretraining corpus) as far as there are enough of
+    them, and "heldout_in_corpus" counts the rest.
     """
     if not 0 <= heldout_fraction < 1:
         raise LmsmithError(f"--held-out-fraction {heldout_fraction} must be in [0, 1)")
@@ -136,7 +164,10 @@ def write_synth(task: str, n: int, out: str | os.PathLike, seed: int = 0,
     n_held = int(round(len(examples) * heldout_fraction))
     if heldout_fraction > 0 and len(examples) > 1:
         n_held = max(1, n_held)
+    # Reserved questions first (a stable sort keeps the shuffled order within each group).
+    examples.sort(key=lambda r: not reserved(r["instruction"]))
     held, train = examples[:n_held], examples[n_held:]
+    random.Random(seed + 2).shuffle(train)  # mix the reserved questions left over into the train order
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -162,4 +193,5 @@ def write_synth(task: str, n: int, out: str | os.PathLike, seed: int = 0,
     tasks: dict[str, int] = {}
     for r in examples:
         tasks[r["task"]] = tasks.get(r["task"], 0) + 1
-    return {**paths, "n_train": len(train), "n_heldout": len(held), "tasks": tasks}
+    return {**paths, "n_train": len(train), "n_heldout": len(held),
+            "heldout_in_corpus": sum(not reserved(r["instruction"]) for r in held), "tasks": tasks}

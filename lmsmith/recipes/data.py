@@ -42,7 +42,8 @@ in it, recursively; binary files skipped and counted), a .jsonl/.jsonl.gz file (
 per line, in the field --text-field) or a .parquet file (one document per row; needs
 pip install 'lmsmith[parquet]'). WEIGHT (default 1) sets how often training samples the
 source. Without --source the embedded corpus is used: the Python standard library's
-source ("code", weight 0.7) and the interpreter's documentation topics ("docs", 0.3).
+source ("code", weight 0.7), the interpreter's documentation topics ("docs", 0.3) and
+worked examples of the synthetic tasks as plain text ("tasks", 0.1).
 
 A source left with no documents is an error if it is the only one, else a warning and it
 is left out.
@@ -125,6 +126,9 @@ def _synth(args: argparse.Namespace) -> int:
     print(f"Generated {r['n_train'] + r['n_heldout']:,} questions ({per}): {r['n_train']:,} in {r['train']}, "
           f"{r['n_heldout']:,} held out in {r['heldout']}, {r['n_train']:,} preference pairs in "
           f"{r['preference']}. Next: `lmsmith finetune MODEL --data {r['train']} --eval-tasks {r['heldout']}`.")
+    if r["heldout_in_corpus"]:
+        print(f"note: {r['heldout_in_corpus']:,} held-out questions may also appear in the built-in pretraining "
+              "corpus (only a fifth of all questions is kept out of it); use a smaller --held-out-fraction")
     return 0
 
 

@@ -1,0 +1,91 @@
+"""The synthetic instruction tasks: answers are right, splits are disjoint, held-out questions stay
+out of the built-in pretraining corpus."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lmsmith.cli import main
+from lmsmith.data import synth
+from lmsmith.errors import LmsmithError
+
+
+def _check_answer(task: str, q: str, a: str) -> bool:
+    """Recompute the answer from the question text alone."""
+    if task == "arithmetic":
+        x, op, y = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", q).groups()
+        return int(a) == (int(x) + int(y) if op == "+" else int(x) - int(y)) >= 0
+    if task == "reverse":
+        return a.split() == q.split(": ", 1)[1].split()[::-1]
+    if task == "sort":
+        return a.split() == sorted(q.split(": ", 1)[1].split())
+    if task == "convert":
+        n, src, dst = re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", q).groups()
+        for f, t, k in synth.CONVERSIONS:
+            if (src, dst) == (f, t):
+                return int(a) == int(n) * k
+            if (src, dst) == (t, f):
+                return int(n) % k == 0 and int(a) == int(n) // k
+        return False
+    if task == "lookup":
+        facts = dict(kv.split(": ") for kv in re.match(r"Capitals: (.*)\. What", q).group(1).split("; "))
+        return a == facts[re.search(r"capital of (\w+)\?", q).group(1)]
+    raise AssertionError(task)
+
+
+def test_every_task_answers_correctly_and_mix_is_balanced():
+    rows = synth.generate_task("mix", 500, seed=3)
+    assert len(rows) == 500 and len({r["instruction"] for r in rows}) == 500
+    counts = {t: sum(r["task"] == t for r in rows) for t in synth.TASKS}
+    # round-robin: about 100 each (a repeated question, common for "convert", is replaced by the next task's)
+    assert all(85 <= c <= 115 for c in counts.values()), counts
+    for r in rows:
+        assert _check_answer(r["task"], r["instruction"], r["solution"]), r
+        assert r["rejected"] != r["solution"]
+    assert synth.generate_task("mix", 50, seed=3) == rows[:50]  # deterministic
+
+
+def test_unknown_task_and_bad_counts_are_clear_errors():
+    with pytest.raises(LmsmithError, match="unknown synthetic task 'poetry'.*arithmetic"):
+        synth.generate_task("poetry", 10)
+    with pytest.raises(LmsmithError, match="--n 0"):
+        synth.generate_task("mix", 0)
+
+
+def test_write_synth_holds_out_reserved_questions_disjoint_from_train(tmp_path):
+    r = synth.write_synth("mix", 1000, tmp_path, seed=1)
+    train, held, pref = ([json.loads(line) for line in Path(r[k]).read_text().splitlines()]
+                         for k in ("train", "heldout", "preference"))
+    assert (len(train), len(held), r["heldout_in_corpus"]) == (900, 100, 0)
+    assert not {x["instruction"] for x in train} & {x["instruction"] for x in held}
+    assert all(synth.reserved(x["instruction"]) for x in held)
+    # the reserved questions not needed for held-out are still trained on
+    assert 0 < sum(synth.reserved(x["instruction"]) for x in train) < len(train)
+    assert [p["prompt"] for p in pref] == [x["instruction"] for x in train]
+    assert all(p["chosen"] != p["rejected"] for p in pref)
+    # asking for more held-out questions than the reserved fifth holds: counted, not hidden
+    r = synth.write_synth("mix", 200, tmp_path / "big", seed=1, heldout_fraction=0.5)
+    assert r["n_heldout"] == 100 and r["heldout_in_corpus"] > 0
+
+
+def test_corpus_documents_are_plain_worked_examples_without_reserved_questions():
+    docs = synth.corpus_documents(n=2000, per_document=10)
+    examples = [block for _, text in docs for block in text.split("\n\n") if block]
+    assert len(docs) == -(-len(examples) // 10) and len(examples) > 1000
+    pairs = [block.split("\n") for block in examples]
+    assert all(len(p) == 2 for p in pairs)  # question line, answer line: the answer starts a line
+    assert not any(synth.reserved(q) for q, _ in pairs)
+    assert not any("<|" in q or "<|" in a for q, a in pairs)  # no chat template
+    rows = {r["instruction"]: r for r in synth.generate_task("mix", 2000, seed=20_24)}
+    assert all(rows[q]["solution"] == a for q, a in pairs)
+    assert {rows[q]["task"] for q, _ in pairs} == set(synth.TASKS)
+    assert sum(synth.reserved(q) for q in rows) > 300  # a fifth of the questions is kept out
+
+
+def test_data_synth_cli_reports_the_split(tmp_path, capsys):
+    assert main(["data", "synth", "--task", "reverse", "--n", "50", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "45 in" in out and "5 held out" in out and "note:" not in out
+    assert len((tmp_path / "heldout.jsonl").read_text().splitlines()) == 5
