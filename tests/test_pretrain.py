@@ -78,6 +78,21 @@ def test_pretrain_refuses_to_clobber_a_run_and_bad_config(corpus, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume" in err[0]
 
+    # --overwrite starts afresh: another corpus gets its own tokenizer and shards, not the old run's
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
+    assert main(["pretrain", "--source", f"text={other}", "--vocab-size", "300", "--out", str(out), "--overwrite",
+                 "--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--no-progress"]) == 0
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert [e["name"] for e in manifest["sources"]] == ["text"]
+    assert json.loads((out / "final" / "config.json").read_text())["vocab_size"] <= 300  # not the old 512
+    # continued pretraining keeps the model's own tokenizer (a new one would not fit its embeddings)
+    again = tmp_path / "again"
+    assert main(["pretrain", "--init-from", str(out / "final"), "--source", f"code={corpus}", "--out", str(again),
+                 "--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--no-progress"]) == 0
+    assert (again / "final" / "tokenizer.json").read_bytes() == (out / "final" / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("preset: tiny\nlearning_rate: 0.1\n")
     assert main(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 1

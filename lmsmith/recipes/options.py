@@ -17,7 +17,8 @@ def add_run_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--out", help=f"run folder (default: {defaults['out']})")
     g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out exactly")
     g.add_argument("--overwrite", action="store_true", default=None,
-                   help="start afresh even if --out holds a run (its checkpoints are deleted)")
+                   help="start afresh even if --out holds a run (its checkpoints, and a pretraining run's "
+                        "tokenizer and shards, are deleted)")
 
 
 def prepare_run_folder(out, resume: bool, overwrite: bool) -> None:

@@ -4,14 +4,15 @@ Read top to bottom: resolve the options (defaults < --config YAML < flags) ->
 tokenizer (given, or trained on the corpus) -> token shards (given, or prepared)
 -> model (a preset, or continued from a directory) -> the one training loop ->
 summary. With no arguments it trains the `tiny` preset on the built-in corpus
-(the Python standard library's source and the interpreter's documentation
-topics) in about 10 minutes on 2 CPU cores.
+(the Python standard library's source, the interpreter's documentation topics
+and worked examples of the synthetic tasks) in about 10 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 import typing
 from pathlib import Path
@@ -23,7 +24,8 @@ DESCRIPTION = """Pretrain a decoder-only model by next-token prediction on raw t
 
 With no arguments: train a 4096-token BPE tokenizer and the `tiny` preset on the
 built-in corpus (the Python standard library's source and pydoc topics, found
-from this interpreter; no download) for a budget that ends in about 10 minutes
+from this interpreter, plus worked examples of the `lmsmith data synth` tasks
+as plain text; no download) for a budget that ends in about 10 minutes
 on 2 CPU cores, writing everything under runs/pretrain/.
 
 Data: --source NAME=PATH[:WEIGHT] (repeatable; text files, folders, .jsonl,
@@ -73,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source", action="append", metavar="NAME=PATH[:WEIGHT]",
                    help="a corpus source (repeatable); default: the built-in Python corpus")
     g.add_argument("--data", metavar="DIR", help="token shards made by `lmsmith data prepare`")
-    g.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: train one on the corpus)")
+    g.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer directory (default: the --init-from model's, else train one on the corpus)")
     g.add_argument("--vocab-size", type=int, help="vocabulary of the trained tokenizer (default: the preset's)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", help=f"model shape (default: {DEFAULTS['preset']}; see `lmsmith info PRESET`)")
@@ -105,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     opts = resolve_options(args)
     out = Path(opts["out"])
     prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]))
+    if opts["overwrite"] and not opts["resume"]:  # afresh: the corpus or vocabulary may have changed
+        for made in ("tokenizer", "data"):
+            shutil.rmtree(out / made, ignore_errors=True)
 
     # ---- tokenizer and data --------------------------------------------------------------------
     sources = [parse_source(s) for s in opts["source"]] if opts["source"] else None
@@ -162,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(opts: dict, out: Path, sources):
-    """The given tokenizer; else one saved in the run folder by an earlier run; else train one."""
+    """The given tokenizer; else --init-from's own; else one saved in the run folder by an earlier run;
+    else train one."""
     from ..config import preset
     from ..data import default_corpus_sources, iter_documents
     from ..errors import LmsmithError
@@ -170,6 +177,10 @@ def _tokenizer(opts: dict, out: Path, sources):
 
     if opts["tokenizer"]:
         return Tokenizer.load(opts["tokenizer"])
+    if opts["init_from"] and not Path(opts["init_from"]).is_dir():
+        raise LmsmithError(f"--init-from {opts['init_from']}: no such model directory; check the path")
+    if opts["init_from"] and (Path(opts["init_from"]) / "tokenizer.json").exists():
+        return Tokenizer.load(opts["init_from"])  # continued pretraining keeps the model's vocabulary
     if opts["data"]:
         raise LmsmithError("--data needs --tokenizer: the tokenizer the shards were made with")
     saved = out / "tokenizer"
@@ -194,10 +205,16 @@ def _tokenizer(opts: dict, out: Path, sources):
 
 
 def _shards(folder: Path, tokenizer, sources, prepare, TokenShards):
-    """Reuse shards already prepared with this tokenizer (a resumed run), else prepare them."""
+    """Reuse shards already prepared from these sources with this tokenizer (a resumed run), else prepare them."""
+    from ..data.shards import _resolve_sources
+
     if (folder / "manifest.json").exists():
         shards = TokenShards(folder)
-        if shards.tokenizer_hash == tokenizer.hash:
+        m = shards.manifest
+        made_from = sorted((e["name"], e["path"], e["weight"]) for e in m["sources"] + m.get("excluded", []))
+        wanted = sorted((s.name, s.path if s.path is not None else f"<in-memory:{s.name}>", float(s.weight))
+                        for s in _resolve_sources(sources))
+        if shards.tokenizer_hash == tokenizer.hash and made_from == wanted:
             return shards
     prepare(sources, tokenizer, folder)
     return TokenShards(folder)
