@@ -35,7 +35,7 @@ parsed with regular expressions; a run whose summary cannot be parsed is reporte
 
 Takes about 3 minutes on 2 CPU cores with the tiny preset, the defaults and --threads 1 (several times
 longer with 2 threads when other jobs compete for the cores: OpenMP threads then wait on each other);
---steps 3000 takes about 15 minutes.
+--steps 3000 takes about 10 minutes.
 """
 
 from __future__ import annotations
