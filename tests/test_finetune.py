@@ -211,7 +211,7 @@ def test_prompt_tuning_unlocks_a_skill_the_base_learned_in_plain_text(tmp_path, 
     m = re.search(r"Task accuracy ([\d.]+)% \(\d+/60\) -> ([\d.]+)% \((\d+)/60\)", text)
     assert m, text
     before, after = float(m.group(1)), float(m.group(2))
-    assert before == 0.0 and after >= 10.0, text  # about a thousand trained numbers; every base weight frozen
+    assert after >= before + 10.0, text  # about a thousand trained numbers; every base weight frozen
 
 
 @pytest.mark.parametrize("extra,expect", [
