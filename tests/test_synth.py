@@ -47,6 +47,41 @@ def test_every_task_answers_correctly_and_mix_is_balanced():
     assert synth.generate_task("mix", 50, seed=3) == rows[:50]  # deterministic
 
 
+def test_lookup_pairs_countries_and_cities_afresh_so_only_reading_answers_it():
+    rows = synth.generate_task("lookup", 400, seed=0)
+    capitals: dict[str, set[str]] = {}
+    for r in rows:
+        for country, city in (kv.split(": ") for kv in r["instruction"][10:].split(". What")[0].split("; ")):
+            capitals.setdefault(country, set()).add(city)
+    assert len(capitals) == len(synth.COUNTRIES) and all(len(c) > 5 for c in capitals.values())
+
+
+def test_small_question_spaces_are_used_up_before_giving_up():
+    rows = synth.generate_task("convert", 10_000, seed=0)
+    assert 300 <= len(rows) <= 320  # 8 conversions x 20 amounts x 2 directions = 320 distinct questions
+    assert len(synth.generate_task("arithmetic", 5000, seed=0)) == 5000
+
+
+@pytest.mark.parametrize("a,b", [
+    ("What is 37 + 45?", "What is 45 + 37?"),
+    ("Reverse the words: cat dog sun", "Reverse the words: sun dog cat"),
+    ("Sort these words alphabetically: pear fig apple", "Sort these words alphabetically: apple pear fig"),
+    ("Convert 3 km to m.", "Convert 3000 m to km."),
+    ("Convert 5 days to hours.", "Convert 120 hours to days."),
+])
+def test_questions_sharing_an_answer_fall_on_the_same_side_of_the_partition(a, b):
+    assert synth._canonical(a) == synth._canonical(b)
+    assert synth.reserved(a) == synth.reserved(b)
+
+
+def test_the_reserved_fifth_is_a_fifth_of_every_task():
+    rows = synth.generate_task("mix", 5000, seed=9)
+    for task in synth.TASKS:
+        qs = [r["instruction"] for r in rows if r["task"] == task]
+        share = sum(map(synth.reserved, qs)) / len(qs)
+        assert 0.1 < share < 0.3, (task, share)
+
+
 def test_unknown_task_and_bad_counts_are_clear_errors():
     with pytest.raises(LmsmithError, match="unknown synthetic task 'poetry'.*arithmetic"):
         synth.generate_task("poetry", 10)
@@ -77,6 +112,10 @@ def test_corpus_documents_are_plain_worked_examples_without_reserved_questions()
     pairs = [block.split("\n") for block in examples]
     assert all(len(p) == 2 for p in pairs)  # question line, answer line: the answer starts a line
     assert not any(synth.reserved(q) for q, _ in pairs)
+    # nor any question whose answer a reserved (held-out) question shares
+    held = [r for r in synth.generate_task("mix", 3000, seed=77) if synth.reserved(r["instruction"])]
+    canon = {synth._canonical(q) for q, _ in pairs}
+    assert held and not [r for r in held if synth._canonical(r["instruction"]) in canon]
     assert not any("<|" in q or "<|" in a for q, a in pairs)  # no chat template
     rows = {r["instruction"]: r for r in synth.generate_task("mix", 2000, seed=20_24)}
     assert all(rows[q]["solution"] == a for q, a in pairs)

@@ -9,10 +9,10 @@ Tasks (all answers are short strings compared exactly after strip):
     reverse     "Reverse the words: red fox sun" -> "sun fox red"
     sort        "Sort these words alphabetically: pear fig apple" -> "apple fig pear"
     convert     "Convert 3 km to m." -> "3000"  (integer results only, both directions)
-    lookup      "Capitals: Zorvania: Kelmport; Quenland: Ostrava. What is the capital of Quenland?"
-                -> "Ostrava"  (made-up countries from COUNTRIES; the facts are in the prompt, so a
-                model can answer held-out questions by reading, not by memorising)
-    mix         an equal share of each task
+    lookup      "Capitals: Zorvania: Kelmport; Quenland: Ostrava; Brellia: Tamsk. What is the capital
+                of Quenland?" -> "Ostrava"  (made-up countries and cities, paired at random in every
+                question: the facts are in the prompt and change each time, so only reading answers it)
+    mix         an equal share of each task (until a task runs out of distinct questions)
 
 `write_synth` writes train.jsonl and heldout.jsonl (disjoint by question) in the
 {"instruction", "solution"} format (plus "task"), and preference.jsonl
@@ -22,8 +22,12 @@ The embedded pretraining corpus carries a little of these tasks as plain text (`
 question on one line, answer on the next), the way worked examples appear in web text. So the demo
 base model has the skills but not the chat format, which is the situation instruction tuning is
 for, and the one in which a few virtual tokens (prompt tuning) can unlock them. A fixed fifth of
-the question space (`reserved`, by a hash of the question) never appears in that corpus, and
-held-out questions are drawn from it first, so held-out accuracy is never a memorised answer.
+the question space (`reserved`) never appears in that corpus, and held-out questions are drawn
+from it first, so a held-out answer is never one the model saw. The partition hashes a canonical
+form of each question, so that variants with the same answer fall on the same side: "37 + 45" and
+"45 + 37", one word order and its reverse, the same words in any order for sorting, "3 km to m"
+and "3000 m to km". (Which questions are held out therefore depends on that hash more than on the
+seed.)
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -40,13 +45,11 @@ from ..errors import LmsmithError
 WORDS = ("apple", "bird", "cat", "dog", "egg", "fig", "goat", "hat", "ink", "jam", "kite", "lamp",
          "moon", "nut", "owl", "pear", "queen", "rose", "sun", "tree", "vase", "wolf", "yak", "zebra")
 
-# A fixed table of made-up countries and their capitals (no real-world knowledge needed).
-COUNTRIES = {
-    "Zorvania": "Kelmport", "Quenland": "Ostrava", "Brellia": "Tamsk", "Vodristan": "Pelloa",
-    "Ardemia": "Gravin", "Lusquay": "Nerrow", "Tiberoth": "Callis", "Ombria": "Fennick",
-    "Skarrow": "Ilvane", "Mirethia": "Dunmore", "Paxilon": "Rethwick", "Cordessa": "Yelm",
-    "Haldoria": "Brisk", "Uvantis": "Solmere", "Greskar": "Wendle", "Elvoria": "Tarnby",
-}
+# Made-up countries and cities (no real-world knowledge needed); each lookup question pairs them at random.
+COUNTRIES = ("Zorvania", "Quenland", "Brellia", "Vodristan", "Ardemia", "Lusquay", "Tiberoth", "Ombria",
+             "Skarrow", "Mirethia", "Paxilon", "Cordessa", "Haldoria", "Uvantis", "Greskar", "Elvoria")
+CITIES = ("Kelmport", "Ostrava", "Tamsk", "Pelloa", "Gravin", "Nerrow", "Callis", "Fennick",
+          "Ilvane", "Dunmore", "Rethwick", "Yelm", "Brisk", "Solmere", "Wendle", "Tarnby")
 
 # (from unit, to unit, factor): value_in_to = value_in_from * factor.
 CONVERSIONS = (("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minutes", 60),
@@ -65,7 +68,7 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
         ans = a - b
         q = f"What is {a} - {b}?"
     wrong = ans + rng.choice([-1, 1]) * rng.randint(1, 10)
-    return q, str(ans), str(abs(wrong) if wrong != ans else ans + 1)
+    return q, str(ans), str(wrong if wrong >= 0 else ans - wrong)  # a wrong answer, never negative
 
 
 def _reverse(rng: random.Random, n_words: tuple[int, int] = (3, 5)) -> tuple[str, str, str]:
@@ -93,11 +96,11 @@ def _convert(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _lookup(rng: random.Random) -> tuple[str, str, str]:
-    names = rng.sample(sorted(COUNTRIES), 3)
-    facts = "; ".join(f"{c}: {COUNTRIES[c]}" for c in names)
-    target = rng.choice(names)
-    wrong = COUNTRIES[rng.choice([c for c in names if c != target])]
-    return f"Capitals: {facts}. What is the capital of {target}?", COUNTRIES[target], wrong
+    names, cities = rng.sample(COUNTRIES, 3), rng.sample(CITIES, 3)
+    target = rng.randrange(3)
+    facts = "; ".join(f"{c}: {t}" for c, t in zip(names, cities))
+    wrong = cities[(target + rng.randint(1, 2)) % 3]
+    return f"Capitals: {facts}. What is the capital of {names[target]}?", cities[target], wrong
 
 
 _MAKERS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
@@ -115,24 +118,44 @@ def generate_task(task: str, n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     names = list(TASKS) if task == "mix" else [task]
     out, seen = [], set()
-    # Round-robin over tasks so "mix" holds an equal share; give up on a task when it stops yielding new questions.
+    # Round-robin over tasks so "mix" holds an equal share; a task is done when 200 draws in a row repeat
+    # earlier questions (its question space is nearly exhausted: "convert" has 320).
     misses = dict.fromkeys(names, 0)
     while len(out) < n and any(m < 200 for m in misses.values()):
         for name in names:
-            if len(out) >= n or misses[name] >= 200:
-                continue
-            q, a, wrong = _MAKERS[name](rng)
-            if q in seen:
-                misses[name] += 1
-                continue
-            seen.add(q)
-            out.append({"task": name, "instruction": q, "solution": a, "rejected": wrong})
+            while len(out) < n and misses[name] < 200:  # draw until this task's turn yields a new question
+                q, a, wrong = _MAKERS[name](rng)
+                if q in seen:
+                    misses[name] += 1
+                    continue
+                misses[name] = 0
+                seen.add(q)
+                out.append({"task": name, "instruction": q, "solution": a, "rejected": wrong})
+                break
     return out
 
 
+def _canonical(question: str) -> str:
+    """One string for all questions that share an answer or its reverse (see the module docstring)."""
+    if m := re.fullmatch(r"What is (\d+) \+ (\d+)\?", question):
+        return "+ " + " ".join(sorted(m.groups(), key=int))
+    if m := re.fullmatch(r"(Reverse the words|Sort these words alphabetically): (.+)", question):
+        words = m.group(2).split()
+        return f"{m.group(1)}: " + " ".join(min(words, words[::-1]) if m.group(1)[0] == "R" else sorted(words))
+    if m := re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", question):
+        n, src, dst = int(m.group(1)), m.group(2), m.group(3)
+        for unit, other, factor in CONVERSIONS:
+            if (src, dst) == (other, unit) and n % factor == 0:
+                return f"convert {unit} {other} {n // factor}"
+            if (src, dst) == (unit, other):
+                return f"convert {unit} {other} {n}"
+    return question
+
+
 def reserved(question: str) -> bool:
-    """True for the fifth of all questions kept out of the pretraining corpus (a fixed hash partition)."""
-    return zlib.crc32(question.encode("utf-8")) % 5 == 0
+    """True for the fifth of all questions kept out of the pretraining corpus: a fixed hash partition of
+    their canonical form, so "45 + 37" is reserved exactly when "37 + 45" is."""
+    return zlib.crc32(_canonical(question).encode("utf-8")) % 5 == 0
 
 
 def corpus_documents(n: int = 30_000, seed: int = 20_24, per_document: int = 40) -> list[tuple[str, str]]:
