@@ -66,8 +66,33 @@ def test_pretrain_resume_after_interrupt_reproduces_losses(corpus, tmp_path, mon
     monkeypatch.setattr(mixture.MixtureBatches, "__next__", interrupt_at_13)
     assert main(_args(corpus, part, *common)) == 130
     monkeypatch.setattr(mixture.MixtureBatches, "__next__", original)
-    assert main(_args(corpus, part, *common, "--resume")) == 0
+    # The command the interrupt message prints: the run's saved options supply source, model and schedule.
+    assert main(["pretrain", "--out", str(part), "--resume", "--no-progress"]) == 0
     assert _losses(part) == _losses(full)
+
+
+def test_pretrain_resume_refuses_other_sources_and_overwrite_checks_inputs_first(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--max-steps", "2", "--save-every", "1")) == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
+    capsys.readouterr()
+    cases = [
+        (["--out", str(out), "--resume", "--source", f"text={other}"], "not the sources this resume names"),
+        (["--out", str(out), "--resume", "--overwrite"], "pass one"),
+        (["--out", str(out), "--overwrite", "--init-from", str(tmp_path / "typo")], "no such model directory"),
+        (["--out", str(out), "--overwrite", "--tokenizer", str(out / "tokenizer")], "inside the run folder"),
+        (["--out", str(tmp_path / "new"), "--init-from", str(corpus)], "has no tokenizer.json"),
+    ]
+    for extra, expect in cases:
+        assert main(["pretrain", *extra, "--no-progress"]) == 1, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expect in err[0], (extra, err)
+        # nothing of the run was deleted or re-prepared
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+        assert (out / "tokenizer" / "tokenizer.json").exists()
+        assert [e["name"] for e in json.loads((out / "data" / "manifest.json").read_text())["sources"]] == ["code"]
 
 
 def test_pretrain_refuses_to_clobber_a_run_and_bad_config(corpus, tmp_path, capsys):

@@ -312,7 +312,8 @@ def _prepare_into(
                 w.close()
             entry = {
                 "name": src.name,
-                "path": src.path if src.path is not None else f"<in-memory:{src.name}>",
+                # absolute, so a run resumed from another directory can tell whether these are its sources
+                "path": os.path.abspath(src.path) if src.path is not None else f"<in-memory:{src.name}>",
                 "weight": float(src.weight),
                 **st.as_dict(),
                 "splits": {

@@ -1,11 +1,13 @@
 """Options shared by the training recipes: flags generated from TrainConfig, and
-defaults < --config YAML < flags resolution with clear errors."""
+defaults < (with --resume: the run's saved OUT/config.yaml) < --config YAML < flags
+resolution with clear errors."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import typing
+from pathlib import Path
 
 from ..errors import LmsmithError
 
@@ -15,7 +17,9 @@ def add_run_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options (flags override it)")
     g.add_argument("--out", help=f"run folder (default: {defaults['out']})")
-    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out exactly")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --out exactly, with the options it saved in OUT/config.yaml "
+                        "(flags given now override them)")
     g.add_argument("--overwrite", action="store_true", default=None,
                    help="start afresh even if --out holds a run (its checkpoints, and a pretraining run's "
                         "tokenizer and shards, are deleted)")
@@ -73,10 +77,26 @@ def add_train_flags(group, defaults: dict, skip: set[str], docs: dict[str, str] 
 
 
 def resolve(args: argparse.Namespace, defaults: dict, skip: set[str]) -> dict:
-    """defaults < YAML file (args.config) < flags; unknown YAML keys are an error naming the valid ones."""
+    """defaults < YAML file (args.config) < flags; unknown YAML keys are an error naming the valid ones.
+
+    With --resume, the options the run saved in OUT/config.yaml come between the defaults and the YAML
+    file, so `--out OUT --resume` alone continues with the same data, model and hyperparameters.
+    """
     opts = dict(defaults)
     for f, _ in train_fields(skip):
         opts.setdefault(f.name, f.default)
+    explicit = _explicit(args, opts)
+    out = explicit.get("out", opts.get("out"))
+    if explicit.get("resume") and out and (Path(out) / "config.yaml").is_file():
+        saved = _read_yaml(Path(out) / "config.yaml")
+        opts.update({k: v for k, v in saved.items() if k in opts and k not in ("resume", "overwrite")})
+    opts.update(explicit)
+    return opts
+
+
+def _explicit(args: argparse.Namespace, opts: dict) -> dict:
+    """What the user set this time: the --config file's options, then the flags given."""
+    explicit: dict = {}
     if getattr(args, "config", None):
         import yaml
 
@@ -94,8 +114,20 @@ def resolve(args: argparse.Namespace, defaults: dict, skip: set[str]) -> dict:
         if unknown:
             raise LmsmithError(f"{args.config}: unknown option(s) {', '.join(unknown)}; "
                                f"valid: {', '.join(sorted(opts))}")
-        opts.update(loaded)
+        explicit.update(loaded)
     for key, value in vars(args).items():
         if key in opts and value is not None:
-            opts[key] = value
-    return opts
+            explicit[key] = value
+    return explicit
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LmsmithError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise LmsmithError(f"{path}: expected a mapping of option: value")
+    return loaded

@@ -30,7 +30,7 @@ on 2 CPU cores, writing everything under runs/pretrain/.
 
 Data: --source NAME=PATH[:WEIGHT] (repeatable; text files, folders, .jsonl,
 .parquet) is tokenized into OUT/data; or --data DIR uses shards made by
-`lmsmith data prepare` (then --tokenizer is required). Weights set how often
+`lmsmith data prepare` (then --tokenizer, or --init-from's tokenizer, is required). Weights set how often
 each source is sampled.
 
 Options come from the defaults, then --config FILE.yaml (keys are the long
@@ -107,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.time()
     opts = resolve_options(args)
     out = Path(opts["out"])
+    _check_inputs(opts, out)
     prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]))
-    if opts["overwrite"] and not opts["resume"]:  # afresh: the corpus or vocabulary may have changed
+    if opts["overwrite"]:  # afresh: the corpus or vocabulary may have changed
         for made in ("tokenizer", "data"):
             shutil.rmtree(out / made, ignore_errors=True)
 
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         shards = TokenShards(opts["data"])
         shards.check_tokenizer(tokenizer)
     else:
-        shards = _shards(out / "data", tokenizer, sources, prepare, TokenShards)
+        shards = _shards(out / "data", tokenizer, sources, prepare, TokenShards, bool(opts["resume"]))
 
     # ---- model ------------------------------------------------------------------------------------
     model, cfg_desc = _model(opts, tokenizer, preset)
@@ -167,6 +168,28 @@ def run(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def _check_inputs(opts: dict, out: Path) -> None:
+    """Fail on missing or conflicting inputs before anything in the run folder is touched."""
+    from ..errors import LmsmithError
+
+    if opts["resume"] and opts["overwrite"]:
+        raise LmsmithError("--resume continues the run in --out and --overwrite starts it afresh; pass one")
+    for flag, key, what in (("--init-from", "init_from", "model directory"), ("--tokenizer", "tokenizer",
+                            "tokenizer directory"), ("--data", "data", "token-shard folder")):
+        path = opts[key]
+        if not path:
+            continue
+        if not Path(path).exists():
+            raise LmsmithError(f"{flag} {path}: no such {what}; check the path")
+        made = [out / d for d in ("tokenizer", "data", "checkpoints")]
+        if opts["overwrite"] and any(Path(path).resolve().is_relative_to(m.resolve()) for m in made):
+            raise LmsmithError(f"{flag} {path} is inside the run folder that --overwrite would delete; "
+                               "copy it elsewhere or use another --out")
+    if opts["init_from"] and not opts["tokenizer"] and not (Path(opts["init_from"]) / "tokenizer.json").exists():
+        raise LmsmithError(f"--init-from {opts['init_from']} has no tokenizer.json; pass --tokenizer DIR with the "
+                           "tokenizer the model was trained with")
+
+
 def _tokenizer(opts: dict, out: Path, sources):
     """The given tokenizer; else --init-from's own; else one saved in the run folder by an earlier run;
     else train one."""
@@ -177,9 +200,7 @@ def _tokenizer(opts: dict, out: Path, sources):
 
     if opts["tokenizer"]:
         return Tokenizer.load(opts["tokenizer"])
-    if opts["init_from"] and not Path(opts["init_from"]).is_dir():
-        raise LmsmithError(f"--init-from {opts['init_from']}: no such model directory; check the path")
-    if opts["init_from"] and (Path(opts["init_from"]) / "tokenizer.json").exists():
+    if opts["init_from"]:
         return Tokenizer.load(opts["init_from"])  # continued pretraining keeps the model's vocabulary
     if opts["data"]:
         raise LmsmithError("--data needs --tokenizer: the tokenizer the shards were made with")
@@ -204,18 +225,32 @@ def _tokenizer(opts: dict, out: Path, sources):
     return tok
 
 
-def _shards(folder: Path, tokenizer, sources, prepare, TokenShards):
-    """Reuse shards already prepared from these sources with this tokenizer (a resumed run), else prepare them."""
+def _shards(folder: Path, tokenizer, sources, prepare, TokenShards, resume: bool):
+    """Reuse shards already prepared from these sources with this tokenizer (a resumed run), else prepare them.
+
+    A resumed run whose shards came from other sources is an error: re-preparing would train the rest
+    of the run on another corpus.
+    """
+    import os
+
     from ..data.shards import _resolve_sources
+    from ..errors import LmsmithError
+
+    def key(name: str, path: str, weight: float) -> tuple:
+        return name, path if path.startswith("<in-memory:") else os.path.abspath(path), float(weight)
 
     if (folder / "manifest.json").exists():
         shards = TokenShards(folder)
         m = shards.manifest
-        made_from = sorted((e["name"], e["path"], e["weight"]) for e in m["sources"] + m.get("excluded", []))
-        wanted = sorted((s.name, s.path if s.path is not None else f"<in-memory:{s.name}>", float(s.weight))
+        made_from = sorted(key(e["name"], e["path"], e["weight"]) for e in m["sources"] + m.get("excluded", []))
+        wanted = sorted(key(s.name, s.path if s.path is not None else f"<in-memory:{s.name}>", s.weight)
                         for s in _resolve_sources(sources))
         if shards.tokenizer_hash == tokenizer.hash and made_from == wanted:
             return shards
+        if resume:
+            raise LmsmithError(f"{folder} was prepared from {', '.join(n for n, _, _ in made_from)} "
+                               f"({'; '.join(p for _, p, _ in made_from)}), not the sources this resume names; "
+                               "resume without --source, or start a new run with --out NEWDIR")
     prepare(sources, tokenizer, folder)
     return TokenShards(folder)
 
