@@ -21,8 +21,9 @@ Methods (each with its own learning rate, since adapters need larger steps; all 
 Reference text (forgetting). By default the documents the pretraining run held out for
 validation: when MODEL sits in an `lmsmith pretrain` run folder (MODEL/../data/manifest.json with
 validation shards, same tokenizer), those shards are decoded to REF (text the model never trained
-on, from its own domain). Otherwise pass --ref-data (a text file, folder or .jsonl); as a last
-resort the interpreter's pydoc topics are used, which an `lmsmith pretrain` model has trained on.
+on, from its own domain; the built-in corpus's worked task examples are left out). Otherwise
+pass --ref-data (a text file, folder or .jsonl); as a last resort the interpreter's pydoc topics
+are used, which an `lmsmith pretrain` model has trained on.
 
 The machine-readable parts come from each run's metrics.jsonl (training-loop time, final loss);
 accuracy, perplexity and parameter counts from the finetune summary (there is no JSON summary),
@@ -72,6 +73,9 @@ def run_cli(args: list[str], log) -> tuple[int, str, float]:
 def held_out_reference(model: Path, out: Path) -> str | None:
     """Decode the pretraining run's validation shards (MODEL/../data) to OUT (.jsonl, one doc a line).
 
+    The built-in corpus's "tasks" source (worked examples of the very tasks being fine-tuned on) is left
+    out: forgetting is about the rest of what pretraining taught.
+
     Returns a description, or None when MODEL is not in a pretrain run folder with a matching tokenizer."""
     import numpy as np
 
@@ -88,6 +92,8 @@ def held_out_reference(model: Path, out: Path) -> str | None:
     eos = int(manifest["eos_id"])
     docs = []
     for src in manifest["sources"]:
+        if src["name"] == "tasks" and src["path"] == "<in-memory:tasks>":
+            continue
         for shard in src.get("splits", {}).get("validation", {}).get("shards", []):
             ids = np.fromfile(manifest_path.parent / shard["file"], dtype=dtype)
             start = 0
@@ -102,8 +108,8 @@ def held_out_reference(model: Path, out: Path) -> str | None:
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
     n_tok = sum(len(tok.encode(d)) for d in docs)
-    return (f"the pretraining run's validation split ({manifest_path.parent}): {len(docs)} documents, "
-            f"{n_tok:,} tokens, never trained on")
+    return (f"the pretraining run's validation split ({manifest_path.parent}), worked tasks left out: "
+            f"{len(docs)} documents, {n_tok:,} tokens, never trained on")
 
 
 def pydoc_reference(out: Path) -> str:
