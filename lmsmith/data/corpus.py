@@ -8,12 +8,13 @@ Three sources, so `lmsmith pretrain` runs on a fresh machine with no download:
   thousands of near-identical table lines teach a small model little) and files over 512 KB.
 - "docs" (weight 0.3): the interpreter's documentation topics (`pydoc_data.topics.topics`,
   about 0.5 MB of English), one document per topic, held in memory.
-- "tasks" (weight 0.1): about 0.85 MB of worked examples of the synthetic instruction tasks
-  (`synth.corpus_documents`: arithmetic, reversing and sorting words, unit conversion, reading a
-  capital from a list), written as plain text, never in a chat template. Real pretraining text
-  holds such worked examples too; with them the demo model learns the skills here, and fine-tuning
-  (even prompt tuning, which adds no weights to the model) teaches it to use them when asked in the
-  chat format. The questions held out for evaluation are never in it (`synth.reserved`).
+- "tasks" (weight 0.1, so about 9% of the batches): about 1.5 MB of worked examples of the
+  synthetic instruction tasks (`synth.corpus_documents`: arithmetic, reversing and sorting words,
+  unit conversion, reading a capital from a list), written as plain text, never in a chat
+  template. Real pretraining text holds such worked examples too; with them the demo model learns
+  the skills here, and fine-tuning (even prompt tuning, which adds no weights to the model) teaches
+  it to use them when asked in the chat format. No question held out for evaluation, nor any
+  variant of it with the same answer, is in it (`synth.reserved`).
 """
 
 from __future__ import annotations
