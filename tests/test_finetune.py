@@ -198,12 +198,12 @@ def test_prompt_tuning_unlocks_a_skill_the_base_learned_in_plain_text(tmp_path, 
                                          "  hidden_dim: 256\n")
     base = tmp_path / "base"
     assert main(["pretrain", "--config", str(tmp_path / "shape.yaml"), "--source", f"docs={tmp_path / 'docs.txt'}",
-                 "--source", f"tasks={tmp_path / 'lookup.txt'}:0.3", "--vocab-size", "1024", "--out", str(base),
-                 "--max-steps", "600", "--batch-size", "16", "--seq-len", "128", "--lr", "5e-3",
+                 "--source", f"tasks={tmp_path / 'lookup.txt'}", "--vocab-size", "1024", "--out", str(base),
+                 "--max-steps", "1200", "--batch-size", "16", "--seq-len", "128", "--lr", "5e-3",
                  "--eval-every", "0", "--save-every", "0", "--no-progress"]) == 0
     capsys.readouterr()
     rc = main(["finetune", str(base / "final"), "--data", str(split["train"]), "--method", "prompt",
-               "--virtual-tokens", "8", "--lr", "3e-2", "--max-steps", "200", "--batch-size", "16",
+               "--virtual-tokens", "8", "--lr", "3e-2", "--max-steps", "400", "--batch-size", "16",
                "--warmup-steps", "10", "--eval-tasks", str(split["heldout"]), "--save-every", "0",
                "--out", str(tmp_path / "prompt"), "--dtype", "fp32", "--no-progress", "--seq-len", "96"])
     assert rc == 0
@@ -211,7 +211,9 @@ def test_prompt_tuning_unlocks_a_skill_the_base_learned_in_plain_text(tmp_path, 
     m = re.search(r"Task accuracy ([\d.]+)% \(\d+/60\) -> ([\d.]+)% \((\d+)/60\)", text)
     assert m, text
     before, after = float(m.group(1)), float(m.group(2))
-    assert after >= before + 10.0, text  # about a thousand trained numbers; every base weight frozen
+    # About a thousand trained numbers, every base weight frozen; measured: 0% -> 32%, which is what the base
+    # itself answers when asked in plain text ("question\n").
+    assert after >= before + 15.0, text
 
 
 @pytest.mark.parametrize("extra,expect", [
