@@ -216,6 +216,26 @@ def test_prompt_tuning_unlocks_a_skill_the_base_learned_in_plain_text(tmp_path, 
     assert after >= before + 15.0, text
 
 
+def test_overwrite_starts_afresh_but_never_deletes_an_input(task, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", str(task / "train.jsonl"), "--max-steps", "2", "--batch-size", "8", "--save-every", "1",
+              "--out", str(out), *COMMON]
+    assert main(["finetune", str(task / "model"), "--method", "prompt", "--virtual-tokens", "2", *common]) == 0
+    assert (out / "adapter").is_dir()
+    capsys.readouterr()
+    # continuing the adapter into the folder that holds it: --overwrite would delete the input first
+    assert main(["finetune", str(task / "model"), "--method", "prompt", "--adapter", str(out / "adapter"),
+                 "--overwrite", *common]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--adapter" in err[0] and "inside the run folder" in err[0]
+    assert (out / "adapter" / "adapter_config.json").exists() and any((out / "checkpoints").iterdir())
+    assert main(["finetune", str(task / "model"), "--resume", "--overwrite", *common]) == 1
+    assert "pass one" in capsys.readouterr().err
+    # a fresh full run in its place: the old adapter goes with the old checkpoints
+    assert main(["finetune", str(task / "model"), "--method", "full", "--overwrite", *common]) == 0
+    assert (out / "final" / "model.safetensors").exists() and not (out / "adapter").exists()
+
+
 @pytest.mark.parametrize("extra,expect", [
     (("--data", "GOOD", "--method", "prompt", "--train-tokens", "<|nope|>"),
      "--train-tokens: '<|nope|>' is not a token of this tokenizer"),

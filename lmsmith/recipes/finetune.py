@@ -200,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
     eval_examples = read_examples(opts["eval_tasks"])[0] if opts["eval_tasks"] else None
     ref_texts = _ref_texts(opts["ref_data"]) if opts["ref_data"] else None
 
-    prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]))
+    prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]),
+                       inputs={"MODEL": opts["model"], "--adapter": opts["adapter"], "--data": opts["data"]})
 
     # ---- model ------------------------------------------------------------------------------------
     base, tokenizer = load(opts["model"])

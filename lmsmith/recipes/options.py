@@ -21,22 +21,37 @@ def add_run_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="continue the run in --out exactly, with the options it saved in OUT/config.yaml "
                         "(flags given now override them)")
     g.add_argument("--overwrite", action="store_true", default=None,
-                   help="start afresh even if --out holds a run (its checkpoints, and a pretraining run's "
-                        "tokenizer and shards, are deleted)")
+                   help="start afresh even if --out holds a run (its checkpoints and results, and a "
+                        "pretraining run's tokenizer and shards, are deleted)")
 
 
-def prepare_run_folder(out, resume: bool, overwrite: bool) -> None:
-    """Create the run folder `out`; refuse to mix a new run into an old one unless told how."""
+def prepare_run_folder(out, resume: bool, overwrite: bool, inputs: dict | None = None,
+                       made: tuple[str, ...] = ()) -> None:
+    """Create the run folder `out`; refuse to mix a new run into an old one unless told how.
+
+    With `overwrite`, the old run's checkpoints and results (final/, adapter/, merged/ and the recipe's
+    own `made` folders) are deleted, but never an input: `inputs` maps a flag to the path it names, and
+    one inside a folder about to be deleted is an error before anything is touched.
+    """
     import shutil
     from pathlib import Path
 
     out = Path(out)
+    if resume and overwrite:
+        raise LmsmithError("--resume continues the run in --out and --overwrite starts it afresh; pass one")
     ckpts = out / "checkpoints"
-    if ckpts.exists() and any(ckpts.iterdir()) and not resume:
-        if not overwrite:
-            raise LmsmithError(f"{out} already holds a run; pass --resume to continue it, "
-                               "--out NEWDIR for a new one, or --overwrite to start afresh")
-        shutil.rmtree(ckpts)
+    if ckpts.exists() and any(ckpts.iterdir()) and not resume and not overwrite:
+        raise LmsmithError(f"{out} already holds a run; pass --resume to continue it, "
+                           "--out NEWDIR for a new one, or --overwrite to start afresh")
+    if overwrite:
+        doomed = [(out / d).resolve() for d in ("checkpoints", "final", "adapter", "merged", *made)]
+        for flag, path in (inputs or {}).items():
+            if path and any(Path(path).resolve().is_relative_to(d) for d in doomed):
+                raise LmsmithError(f"{flag} {path} is inside the run folder that --overwrite would delete; "
+                                   "copy it elsewhere or use another --out")
+        # The old run's results go too: an interrupted new run must not sit next to the old final model.
+        for d in doomed:
+            shutil.rmtree(d, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import time
 import typing
 from pathlib import Path
@@ -107,11 +106,11 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.time()
     opts = resolve_options(args)
     out = Path(opts["out"])
-    _check_inputs(opts, out)
-    prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]))
-    if opts["overwrite"]:  # afresh: the corpus or vocabulary may have changed
-        for made in ("tokenizer", "data"):
-            shutil.rmtree(out / made, ignore_errors=True)
+    _check_inputs(opts)
+    # --overwrite also remakes the tokenizer and shards: the corpus or vocabulary may have changed.
+    prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]), made=("tokenizer", "data"),
+                       inputs={"--init-from": opts["init_from"], "--tokenizer": opts["tokenizer"],
+                               "--data": opts["data"]})
 
     # ---- tokenizer and data --------------------------------------------------------------------
     sources = [parse_source(s) for s in opts["source"]] if opts["source"] else None
@@ -168,23 +167,14 @@ def run(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
-def _check_inputs(opts: dict, out: Path) -> None:
-    """Fail on missing or conflicting inputs before anything in the run folder is touched."""
+def _check_inputs(opts: dict) -> None:
+    """Fail on missing inputs before anything in the run folder is touched."""
     from ..errors import LmsmithError
 
-    if opts["resume"] and opts["overwrite"]:
-        raise LmsmithError("--resume continues the run in --out and --overwrite starts it afresh; pass one")
     for flag, key, what in (("--init-from", "init_from", "model directory"), ("--tokenizer", "tokenizer",
                             "tokenizer directory"), ("--data", "data", "token-shard folder")):
-        path = opts[key]
-        if not path:
-            continue
-        if not Path(path).exists():
-            raise LmsmithError(f"{flag} {path}: no such {what}; check the path")
-        made = [out / d for d in ("tokenizer", "data", "checkpoints")]
-        if opts["overwrite"] and any(Path(path).resolve().is_relative_to(m.resolve()) for m in made):
-            raise LmsmithError(f"{flag} {path} is inside the run folder that --overwrite would delete; "
-                               "copy it elsewhere or use another --out")
+        if opts[key] and not Path(opts[key]).exists():
+            raise LmsmithError(f"{flag} {opts[key]}: no such {what}; check the path")
     if opts["init_from"] and not opts["tokenizer"] and not (Path(opts["init_from"]) / "tokenizer.json").exists():
         raise LmsmithError(f"--init-from {opts['init_from']} has no tokenizer.json; pass --tokenizer DIR with the "
                            "tokenizer the model was trained with")
