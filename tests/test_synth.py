@@ -128,3 +128,16 @@ def test_data_synth_cli_reports_the_split(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "45 in" in out and "5 held out" in out and "note:" not in out
     assert len((tmp_path / "heldout.jsonl").read_text().splitlines()) == 5
+
+
+def test_an_evaluation_file_with_unreserved_questions_gets_a_note(tmp_path):
+    from lmsmith.data.instruct import read_examples
+
+    r = synth.write_synth("mix", 200, tmp_path, seed=0)
+    held, _ = read_examples(r["heldout"])
+    assert synth.heldout_warning(held, r["heldout"]) is None
+    train, _ = read_examples(r["train"])  # mostly questions the built-in corpus may contain
+    note = synth.heldout_warning(train, r["train"])
+    assert note and note.startswith(f"note: {r['train']}: ") and "of 180 synthetic questions" in note
+    user = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    assert synth.heldout_warning(user, "mine.jsonl") is None  # not our tasks: nothing to say

@@ -158,6 +158,19 @@ def reserved(question: str) -> bool:
     return zlib.crc32(_canonical(question).encode("utf-8")) % 5 == 0
 
 
+def heldout_warning(examples: list[dict], path) -> str | None:
+    """A one-line note when synthetic questions in an evaluation file lie outside the `reserved` fifth,
+    so a model pretrained on the built-in corpus may have seen their answers (e.g. a held-out file made
+    before the partition existed); None when there are none. `examples` as `read_examples` returns them."""
+    ours = [e for e in examples if e.get("task") in TASKS and e.get("messages")]
+    seen = sum(not reserved(e["messages"][0]["content"]) for e in ours)
+    if not seen:
+        return None
+    return (f"note: {path}: {seen:,} of {len(ours):,} synthetic questions are outside the held-out fifth that the "
+            "built-in pretraining corpus never contains; for a clean held-out score make the file with "
+            "`lmsmith data synth`")
+
+
 def corpus_documents(n: int = 30_000, seed: int = 20_24, per_document: int = 40) -> list[tuple[str, str]]:
     """Plain-text worked examples for the pretraining corpus: [(doc_id, text), ...].
 

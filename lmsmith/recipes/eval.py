@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 HELP = "perplexity and bits per byte of a model on held-out text; exact-match accuracy on tasks"
@@ -85,9 +86,12 @@ def run(args) -> int:
 def _tasks(model, tokenizer, args) -> None:
     """Exact-match accuracy on --tasks: overall, per task, and a few examples (mistakes first)."""
     from ..data.instruct import read_examples
+    from ..data.synth import heldout_warning
     from ..eval.tasks import format_accuracy, task_accuracy
 
     examples, _ = read_examples(args.tasks)
+    if note := heldout_warning(examples, args.tasks):
+        print(note, file=sys.stderr)
     if args.max_docs:
         examples = examples[: args.max_docs]
     t0 = time.time()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 import typing
 from pathlib import Path
@@ -179,6 +180,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load
     from ..data.instruct import InstructBatches, encode_preference, encode_sft, pack, pad_id_of, read_examples
+    from ..data.synth import heldout_warning
     from ..errors import LmsmithError
     from ..train import TrainConfig, train
     from ..train.dpo import dpo_objective, sft_objective
@@ -198,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
         raise LmsmithError(f"{opts['data']}: preference data trains with --objective dpo "
                            "(or give SFT data: instruction/solution, chat, ...)")
     eval_examples = read_examples(opts["eval_tasks"])[0] if opts["eval_tasks"] else None
+    if eval_examples and (note := heldout_warning(eval_examples, opts["eval_tasks"])):
+        print(note, file=sys.stderr)
     ref_texts = _ref_texts(opts["ref_data"]) if opts["ref_data"] else None
 
     prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]),
