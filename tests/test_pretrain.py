@@ -111,6 +111,11 @@ def test_pretrain_refuses_to_clobber_a_run_and_bad_config(corpus, tmp_path, caps
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert [e["name"] for e in manifest["sources"]] == ["text"]
     assert json.loads((out / "final" / "config.json").read_text())["vocab_size"] <= 300  # not the old 512
+    # a new weight for the same source keeps its shards: weights only steer sampling
+    manifest_stamp = (out / "data" / "manifest.json").stat().st_mtime_ns
+    assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "2", "--source", f"text={other}:2",
+                 "--no-progress"]) == 0
+    assert (out / "data" / "manifest.json").stat().st_mtime_ns == manifest_stamp
     # continued pretraining keeps the model's own tokenizer (a new one would not fit its embeddings)
     again = tmp_path / "again"
     assert main(["pretrain", "--init-from", str(out / "final"), "--source", f"code={corpus}", "--out", str(again),

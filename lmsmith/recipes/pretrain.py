@@ -101,6 +101,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..config import preset
     from ..data import MixtureBatches, TokenShards, parse_source, prepare, sequential_batches
+    from ..data.shards import _resolve_sources
     from ..train import TrainConfig, causal_lm_objective, sample_text, train
 
     t_start = time.time()
@@ -135,8 +136,11 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(**train_opts)
     _save_options(out / "config.yaml", {**opts, "max_steps": max_steps})
 
+    # The weights asked for now (shards reused from an earlier run may have been made with others).
+    weights = None if opts["data"] else {s.name: float(s.weight) for s in _resolve_sources(sources)
+                                         if s.name in shards.sources}
     batches = MixtureBatches(shards, "train", batch_size=opts["batch_size"], seq_len=opts["seq_len"],
-                             seed=config.seed)
+                             seed=config.seed, weights=weights)
     has_val = any(shards.tokens(s, "validation") > opts["seq_len"] for s in shards.sources)
 
     def eval_batches():
@@ -226,20 +230,20 @@ def _shards(folder: Path, tokenizer, sources, prepare, TokenShards, resume: bool
     from ..data.shards import _resolve_sources
     from ..errors import LmsmithError
 
-    def key(name: str, path: str, weight: float) -> tuple:
-        return name, path if path.startswith("<in-memory:") else os.path.abspath(path), float(weight)
+    def key(name: str, path: str) -> tuple:  # weights only steer sampling: a change needs no new shards
+        return name, path if path.startswith("<in-memory:") else os.path.abspath(path)
 
     if (folder / "manifest.json").exists():
         shards = TokenShards(folder)
         m = shards.manifest
-        made_from = sorted(key(e["name"], e["path"], e["weight"]) for e in m["sources"] + m.get("excluded", []))
-        wanted = sorted(key(s.name, s.path if s.path is not None else f"<in-memory:{s.name}>", s.weight)
+        made_from = sorted(key(e["name"], e["path"]) for e in m["sources"] + m.get("excluded", []))
+        wanted = sorted(key(s.name, s.path if s.path is not None else f"<in-memory:{s.name}>")
                         for s in _resolve_sources(sources))
         if shards.tokenizer_hash == tokenizer.hash and made_from == wanted:
             return shards
         if resume:
-            raise LmsmithError(f"{folder} was prepared from {', '.join(n for n, _, _ in made_from)} "
-                               f"({'; '.join(p for _, p, _ in made_from)}), not the sources this resume names; "
+            raise LmsmithError(f"{folder} was prepared from {', '.join(n for n, _ in made_from)} "
+                               f"({'; '.join(p for _, p in made_from)}), not the sources this resume names; "
                                "resume without --source, or start a new run with --out NEWDIR")
     prepare(sources, tokenizer, folder)
     return TokenShards(folder)
