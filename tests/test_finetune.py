@@ -108,7 +108,7 @@ def test_lora_resume_equals_uninterrupted_run(task, tmp_path, monkeypatch):
         names = list(f.keys())  # noqa: SIM118 - a safetensors handle is not iterable
     assert names and all(".lora_A." in k or ".lora_B." in k for k in names)
     monkeypatch.setattr(InstructBatches, "__next__", original)
-    assert main(args(part, "--resume")) == 0
+    assert main(["finetune", str(task / "model"), "--out", str(part), "--resume", "--no-progress"]) == 0
     a = {r["step"]: r["loss"] for r in _rows(full) if "loss" in r}
     b = {r["step"]: r["loss"] for r in _rows(part) if "loss" in r}
     assert len(a) == 10 and a == b  # bit-exact, fp32
@@ -231,6 +231,11 @@ def test_overwrite_starts_afresh_but_never_deletes_an_input(task, tmp_path, caps
     assert (out / "adapter" / "adapter_config.json").exists() and any((out / "checkpoints").iterdir())
     assert main(["finetune", str(task / "model"), "--resume", "--overwrite", *common]) == 1
     assert "pass one" in capsys.readouterr().err
+    # an evaluation file of unreserved synthetic questions: a note with the results, never beside an error
+    assert main(["finetune", str(task / "model"), "--method", "prompt", "--eval-tasks", str(task / "train.jsonl"),
+                 *common]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0]
     # a fresh full run in its place: the old adapter goes with the old checkpoints
     assert main(["finetune", str(task / "model"), "--method", "full", "--overwrite", *common]) == 0
     assert (out / "final" / "model.safetensors").exists() and not (out / "adapter").exists()

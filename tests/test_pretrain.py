@@ -84,6 +84,7 @@ def test_pretrain_resume_refuses_other_sources_and_overwrite_checks_inputs_first
         (["--out", str(out), "--overwrite", "--init-from", str(tmp_path / "typo")], "no such model directory"),
         (["--out", str(out), "--overwrite", "--tokenizer", str(out / "tokenizer")], "inside the run folder"),
         (["--out", str(tmp_path / "new"), "--init-from", str(corpus)], "has no tokenizer.json"),
+        (["--out", str(out), "--overwrite", "--source", f"text={tmp_path / 'typo.txt'}"], "does not exist"),
     ]
     for extra, expect in cases:
         assert main(["pretrain", *extra, "--no-progress"]) == 1, extra
@@ -93,6 +94,31 @@ def test_pretrain_resume_refuses_other_sources_and_overwrite_checks_inputs_first
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
         assert (out / "tokenizer" / "tokenizer.json").exists()
         assert [e["name"] for e in json.loads((out / "data" / "manifest.json").read_text())["sources"]] == ["code"]
+
+
+def test_pretrain_resume_from_another_directory_and_with_a_new_length(corpus, tmp_path, monkeypatch):
+    """config.yaml records absolute paths; a --max-steps given on resume beats the saved --tokens."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(next(corpus.glob("json_*.py")), tmp_path / "a" / "one.py")
+    monkeypatch.chdir(tmp_path / "a")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--source", "code=one.py", "--vocab-size", "300", "--out", str(run), "--tokens", "128",
+                 "--batch-size", "2", "--seq-len", "32", "--save-every", "1", "--no-progress"]) == 0
+    assert max(_losses(run)) == 2  # 128 tokens / (2 x 32)
+    monkeypatch.chdir(tmp_path / "b")  # one.py is not here
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert max(_losses(run)) == 4
+
+
+def test_overwrite_drops_a_symlinked_folder_not_its_target(corpus, tmp_path):
+    out, elsewhere = tmp_path / "run", tmp_path / "big-disk"
+    (out).mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not ours to delete")
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    assert main(_args(corpus, out, "--max-steps", "1", "--overwrite")) == 0
+    assert (elsewhere / "keep.txt").exists() and not (out / "checkpoints").is_symlink()
 
 
 def test_pretrain_refuses_to_clobber_a_run_and_bad_config(corpus, tmp_path, capsys):

@@ -162,8 +162,9 @@ def heldout_warning(examples: list[dict], path) -> str | None:
     """A one-line note when synthetic questions in an evaluation file lie outside the `reserved` fifth,
     so a model pretrained on the built-in corpus may have seen their answers (e.g. a held-out file made
     before the partition existed); None when there are none. `examples` as `read_examples` returns them."""
-    ours = [e for e in examples if e.get("task") in TASKS and e.get("messages")]
-    seen = sum(not reserved(e["messages"][0]["content"]) for e in ours)
+    ours = [next(m["content"] for m in e["messages"] if m["role"] == "user") for e in examples
+            if e.get("task") in TASKS and any(m.get("role") == "user" for m in e.get("messages", ()))]
+    seen = sum(not reserved(q) for q in ours)
     if not seen:
         return None
     return (f"note: {path}: {seen:,} of {len(ours):,} synthetic questions are outside the held-out fifth that the "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 HELP = "perplexity and bits per byte of a model on held-out text; exact-match accuracy on tasks"
@@ -90,16 +89,17 @@ def _tasks(model, tokenizer, args) -> None:
     from ..eval.tasks import format_accuracy, task_accuracy
 
     examples, _ = read_examples(args.tasks)
-    if note := heldout_warning(examples, args.tasks):
-        print(note, file=sys.stderr)
+    note = heldout_warning(examples, args.tasks)
     if args.max_docs:
         examples = examples[: args.max_docs]
     t0 = time.time()
     result = task_accuracy(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**result, "note": note} if note else result))
         return
     print(f"{args.model}: exact-match accuracy {format_accuracy(result)} on {args.tasks} in {time.time() - t0:.1f}s")
+    if note:
+        print(note)
     for task, d in result["per_task"].items():
         print(f"  {task:<12} {d['accuracy']:7.1%}  ({d['correct']}/{d['total']})")
     for ex in result["examples"]:

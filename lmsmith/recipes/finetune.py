@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
+import os
 import time
 import typing
 from pathlib import Path
@@ -153,7 +153,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
     """defaults < YAML file < flags; unknown YAML keys and bad choices are errors naming the valid ones."""
     from ..errors import LmsmithError
 
-    opts = resolve(args, DEFAULTS, _SKIP_TRAIN_FIELDS)
+    opts = resolve(args, DEFAULTS, _SKIP_TRAIN_FIELDS, conflicts={"epochs": ("max_steps",)})
     if opts["method"] not in METHODS:
         raise LmsmithError(f"unknown --method {opts['method']!r}; choose one of: {', '.join(METHODS)}")
     if opts["objective"] not in OBJECTIVES:
@@ -200,8 +200,6 @@ def run(args: argparse.Namespace) -> int:
         raise LmsmithError(f"{opts['data']}: preference data trains with --objective dpo "
                            "(or give SFT data: instruction/solution, chat, ...)")
     eval_examples = read_examples(opts["eval_tasks"])[0] if opts["eval_tasks"] else None
-    if eval_examples and (note := heldout_warning(eval_examples, opts["eval_tasks"])):
-        print(note, file=sys.stderr)
     ref_texts = _ref_texts(opts["ref_data"]) if opts["ref_data"] else None
 
     prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]),
@@ -253,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
     ppl_before = _ppl(model, tokenizer, ref_texts, seq_len) if ref_texts else None
     if acc_before:
         print(f"accuracy before: {_fmt_acc(acc_before)}")
+        if note := heldout_warning(eval_examples, opts["eval_tasks"]):
+            print(note)
     if ppl_before:
         print(f"reference perplexity before: {ppl_before:.3f}")
 
@@ -261,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
     train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
     train_opts.update(max_steps=max_steps, warmup_steps=warmup)
     config = TrainConfig(**train_opts)
-    _save_options(out / "config.yaml", {**opts, "max_steps": max_steps})
+    _save_options(out / "config.yaml", {**opts, "max_steps": max_steps, **{  # absolute: --resume from anywhere
+        k: os.path.abspath(opts[k]) for k in ("model", "data", "adapter", "eval_tasks", "ref_data") if opts[k]}})
     print(f"lmsmith finetune: {opts['method']} {opts['objective']} of {opts['model']}; {method_desc}; "
           f"{max_steps:,} steps x {opts['batch_size']} x {opts['grad_accum']}; run folder {out}")
     result = train(model, batches, objective, config, out_dir=out, tokenizer=tokenizer,

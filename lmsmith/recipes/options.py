@@ -44,14 +44,17 @@ def prepare_run_folder(out, resume: bool, overwrite: bool, inputs: dict | None =
         raise LmsmithError(f"{out} already holds a run; pass --resume to continue it, "
                            "--out NEWDIR for a new one, or --overwrite to start afresh")
     if overwrite:
-        doomed = [(out / d).resolve() for d in ("checkpoints", "final", "adapter", "merged", *made)]
+        doomed = [out / d for d in ("checkpoints", "final", "adapter", "merged", *made)]
         for flag, path in (inputs or {}).items():
-            if path and any(Path(path).resolve().is_relative_to(d) for d in doomed):
+            if path and any(Path(path).resolve().is_relative_to(d.resolve()) for d in doomed):
                 raise LmsmithError(f"{flag} {path} is inside the run folder that --overwrite would delete; "
                                    "copy it elsewhere or use another --out")
         # The old run's results go too: an interrupted new run must not sit next to the old final model.
         for d in doomed:
-            shutil.rmtree(d, ignore_errors=True)
+            if d.is_symlink():  # a link to storage elsewhere: drop the link, not what it points to
+                d.unlink()
+            else:
+                shutil.rmtree(d, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -91,11 +94,18 @@ def add_train_flags(group, defaults: dict, skip: set[str], docs: dict[str, str] 
             group.add_argument(flag, type=base, default=None, help=doc)
 
 
-def resolve(args: argparse.Namespace, defaults: dict, skip: set[str]) -> dict:
+# Saved options a resume does not bring back: how the terminal shows the run is the caller's business.
+_NOT_RESTORED = ("resume", "overwrite", "progress")
+
+
+def resolve(args: argparse.Namespace, defaults: dict, skip: set[str],
+            conflicts: dict[str, tuple[str, ...]] | None = None) -> dict:
     """defaults < YAML file (args.config) < flags; unknown YAML keys are an error naming the valid ones.
 
     With --resume, the options the run saved in OUT/config.yaml come between the defaults and the YAML
     file, so `--out OUT --resume` alone continues with the same data, model and hyperparameters.
+    `conflicts` names saved options that yield to one given now (e.g. a new --max-steps drops the saved
+    --tokens, which would otherwise decide the run's length).
     """
     opts = dict(defaults)
     for f, _ in train_fields(skip):
@@ -104,7 +114,10 @@ def resolve(args: argparse.Namespace, defaults: dict, skip: set[str]) -> dict:
     out = explicit.get("out", opts.get("out"))
     if explicit.get("resume") and out and (Path(out) / "config.yaml").is_file():
         saved = _read_yaml(Path(out) / "config.yaml")
-        opts.update({k: v for k, v in saved.items() if k in opts and k not in ("resume", "overwrite")})
+        for given in explicit:
+            for k in (conflicts or {}).get(given, ()):
+                saved.pop(k, None)
+        opts.update({k: v for k, v in saved.items() if k in opts and k not in _NOT_RESTORED})
     opts.update(explicit)
     return opts
 

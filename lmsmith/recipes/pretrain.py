@@ -92,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_options(args: argparse.Namespace) -> dict:
     """defaults < YAML file < flags (see recipes/options.py)."""
-    opts = resolve(args, DEFAULTS, _SKIP_TRAIN_FIELDS)
+    opts = resolve(args, DEFAULTS, _SKIP_TRAIN_FIELDS, conflicts={"max_steps": ("tokens",)})
     if isinstance(opts["source"], str):
         opts["source"] = [opts["source"]]
     return opts
@@ -108,13 +108,15 @@ def run(args: argparse.Namespace) -> int:
     opts = resolve_options(args)
     out = Path(opts["out"])
     _check_inputs(opts)
+    sources = [parse_source(s) for s in opts["source"]] if opts["source"] else None
+    if sources:
+        _resolve_sources(sources)  # every --source exists, names unique: checked before anything is deleted
     # --overwrite also remakes the tokenizer and shards: the corpus or vocabulary may have changed.
     prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]), made=("tokenizer", "data"),
                        inputs={"--init-from": opts["init_from"], "--tokenizer": opts["tokenizer"],
-                               "--data": opts["data"]})
+                               "--data": opts["data"], **{f"--source {s.name}": s.path for s in sources or ()}})
 
     # ---- tokenizer and data --------------------------------------------------------------------
-    sources = [parse_source(s) for s in opts["source"]] if opts["source"] else None
     tokenizer = _tokenizer(opts, out, sources)
     if opts["data"]:
         shards = TokenShards(opts["data"])
@@ -134,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
     train_opts.update(max_steps=max_steps, warmup_steps=warmup, sample_prompt=opts["sample_prompt"])
     config = TrainConfig(**train_opts)
-    _save_options(out / "config.yaml", {**opts, "max_steps": max_steps})
+    _save_options(out / "config.yaml", {**opts, "max_steps": max_steps,
+                                        **_absolute_paths(opts, sources)})
 
     # The weights asked for now (shards reused from an earlier run may have been made with others).
     weights = None if opts["data"] else {s.name: float(s.weight) for s in _resolve_sources(sources)
@@ -288,6 +291,17 @@ def _unigram_baseline(shards) -> float:
             nll -= logp[m].sum()
             n += len(m)
     return nll / max(n, 1)
+
+
+def _absolute_paths(opts: dict, sources) -> dict:
+    """The options that name files, made absolute, so `--resume` works from any directory."""
+    import os
+
+    paths = {k: os.path.abspath(opts[k]) for k in ("data", "tokenizer", "init_from") if opts[k]}
+    if sources:
+        paths["source"] = [f"{s.name}={os.path.abspath(s.path)}:{s.weight:g}" if s.path else opts["source"][i]
+                           for i, s in enumerate(sources)]
+    return paths
 
 
 def _save_options(path: Path, opts: dict) -> None:
