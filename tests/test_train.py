@@ -180,6 +180,22 @@ def test_learns_and_writes_metrics_and_plot(tmp_path):
     assert res.steps == 40 and res.tokens == 40 * 8 * 32
 
 
+def test_mfu_never_above_100_percent_when_the_peak_probe_ran_on_a_busy_machine(tmp_path, monkeypatch):
+    import lmsmith.train.loop as loop
+
+    calls = []
+
+    def probe(dtype, device, refresh=False):
+        calls.append(refresh)
+        return 1.0 if not refresh else 1e18  # an absurdly low first measurement, then a sane one
+
+    monkeypatch.setattr(loop, "measure_matmul_peak", probe)
+    train(model(), Stream(), causal_lm_objective, tcfg(max_steps=4, peak_flops=None, save_every=0), out_dir=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    mfus = [r["mfu"] for r in rows if "mfu" in r]
+    assert calls == [False, True] and all(0 < m <= 1 for m in mfus)
+
+
 def test_resume_is_bit_identical(tmp_path):
     ref = train(model(), Stream(), causal_lm_objective, tcfg(), out_dir=tmp_path / "ref")
     # Crash (not Ctrl-C) while fetching step 8's batch: nothing saved past step 6.

@@ -12,15 +12,15 @@ _PEAKS: dict[tuple[str, str], float] = {}
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        seconds: float = 1.0, n: int = 1024) -> float:
-    """Achieved FLOP/s of a square matmul in `dtype` on `device` (cached per process).
+                        seconds: float = 1.0, n: int = 1024, refresh: bool = False) -> float:
+    """Achieved FLOP/s of a square matmul in `dtype` on `device` (cached per process; `refresh` measures again).
 
     A measured peak, not a datasheet number, so MFU says how close training gets to
     what this machine's matmul kernels really deliver.
     """
     device = torch.device(device)
     key = (str(dtype), str(device))
-    if key in _PEAKS:
+    if key in _PEAKS and not refresh:
         return _PEAKS[key]
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
