@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 import typing
 from pathlib import Path
 
-from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, train_fields
+from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, save_options, train_fields
 
 HELP = "fine-tune a model on instruction or preference data: full, LoRA, prompt or prefix tuning; SFT or DPO"
 DESCRIPTION = """Fine-tune MODEL (any HF directory: a pretrained, fine-tuned or merged model) on
@@ -261,8 +260,8 @@ def run(args: argparse.Namespace) -> int:
     train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
     train_opts.update(max_steps=max_steps, warmup_steps=warmup)
     config = TrainConfig(**train_opts)
-    _save_options(out / "config.yaml", {**opts, "max_steps": max_steps, **{  # absolute: --resume from anywhere
-        k: os.path.abspath(opts[k]) for k in ("model", "data", "adapter", "eval_tasks", "ref_data") if opts[k]}})
+    save_options(out, {**opts, "max_steps": max_steps},
+                 path_keys=("model", "data", "adapter", "eval_tasks", "ref_data"))
     print(f"lmsmith finetune: {opts['method']} {opts['objective']} of {opts['model']}; {method_desc}; "
           f"{max_steps:,} steps x {opts['batch_size']} x {opts['grad_accum']}; run folder {out}")
     result = train(model, batches, objective, config, out_dir=out, tokenizer=tokenizer,
@@ -459,10 +458,3 @@ def _rows(out: Path) -> list[dict]:
 
     f = out / "metrics.jsonl"
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
-
-
-def _save_options(path: Path, opts: dict) -> None:
-    import yaml
-
-    path.write_text(yaml.safe_dump({k: v for k, v in opts.items()}, sort_keys=True))
-

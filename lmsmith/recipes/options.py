@@ -94,8 +94,24 @@ def add_train_flags(group, defaults: dict, skip: set[str], docs: dict[str, str] 
             group.add_argument(flag, type=base, default=None, help=doc)
 
 
+# The resolved options of a run, written at its start and read back by --resume.
+CONFIG_FILE = "config.yaml"
 # Saved options a resume does not bring back: how the terminal shows the run is the caller's business.
 _NOT_RESTORED = ("resume", "overwrite", "progress")
+
+
+def save_options(out, opts: dict, path_keys: tuple[str, ...] = ()) -> None:
+    """Write `opts` to OUT/config.yaml atomically, the options in `path_keys` as absolute paths (so
+    `--resume` works from any directory)."""
+    import os
+
+    import yaml
+
+    saved = {**opts, **{k: os.path.abspath(opts[k]) for k in path_keys if opts.get(k)}}
+    path = Path(out) / CONFIG_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(saved, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def resolve(args: argparse.Namespace, defaults: dict, skip: set[str],
@@ -112,8 +128,8 @@ def resolve(args: argparse.Namespace, defaults: dict, skip: set[str],
         opts.setdefault(f.name, f.default)
     explicit = _explicit(args, opts)
     out = explicit.get("out", opts.get("out"))
-    if explicit.get("resume") and out and (Path(out) / "config.yaml").is_file():
-        saved = _read_yaml(Path(out) / "config.yaml")
+    if explicit.get("resume") and out and (Path(out) / CONFIG_FILE).is_file():
+        saved = _read_yaml(Path(out) / CONFIG_FILE)
         for given in explicit:
             for k in (conflicts or {}).get(given, ()):
                 saved.pop(k, None)
@@ -126,18 +142,7 @@ def _explicit(args: argparse.Namespace, opts: dict) -> dict:
     """What the user set this time: the --config file's options, then the flags given."""
     explicit: dict = {}
     if getattr(args, "config", None):
-        import yaml
-
-        try:
-            with open(args.config, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise LmsmithError(f"{args.config}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise LmsmithError(f"{args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise LmsmithError(f"{args.config}: expected a mapping of option: value")
-        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        loaded = {k.replace("-", "_"): v for k, v in _read_yaml(args.config).items()}
         unknown = sorted(set(loaded) - set(opts))
         if unknown:
             raise LmsmithError(f"{args.config}: unknown option(s) {', '.join(unknown)}; "
@@ -149,11 +154,14 @@ def _explicit(args: argparse.Namespace, opts: dict) -> dict:
     return explicit
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path) -> dict:
+    """A YAML mapping of option: value; a clear one-line error for a missing file, bad YAML or a non-mapping."""
     import yaml
 
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise LmsmithError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
         raise LmsmithError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(loaded, dict):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 import typing
 from pathlib import Path
 
-from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, train_fields
+from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, save_options, train_fields
 
 HELP = "pretrain a model on raw text (default: the built-in Python corpus, ~10 min on 2 CPU cores)"
 DESCRIPTION = """Pretrain a decoder-only model by next-token prediction on raw text.
@@ -136,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
     train_opts.update(max_steps=max_steps, warmup_steps=warmup, sample_prompt=opts["sample_prompt"])
     config = TrainConfig(**train_opts)
-    _save_options(out / "config.yaml", {**opts, "max_steps": max_steps,
-                                        **_absolute_paths(opts, sources)})
+    absolute_sources = [f"{s.name}={os.path.abspath(s.path)}:{s.weight!r}" for s in sources or ()]
+    save_options(out, {**opts, "max_steps": max_steps, "source": absolute_sources or opts["source"]},
+                 path_keys=("data", "tokenizer", "init_from"))
 
     # The weights asked for now (shards reused from an earlier run may have been made with others).
     weights = None if opts["data"] else {s.name: float(s.weight) for s in _resolve_sources(sources)
@@ -291,20 +293,3 @@ def _unigram_baseline(shards) -> float:
             nll -= logp[m].sum()
             n += len(m)
     return nll / max(n, 1)
-
-
-def _absolute_paths(opts: dict, sources) -> dict:
-    """The options that name files, made absolute, so `--resume` works from any directory."""
-    import os
-
-    paths = {k: os.path.abspath(opts[k]) for k in ("data", "tokenizer", "init_from") if opts[k]}
-    if sources:
-        paths["source"] = [f"{s.name}={os.path.abspath(s.path)}:{s.weight:g}" if s.path else opts["source"][i]
-                           for i, s in enumerate(sources)]
-    return paths
-
-
-def _save_options(path: Path, opts: dict) -> None:
-    import yaml
-
-    path.write_text(yaml.safe_dump({k: v for k, v in opts.items()}, sort_keys=True))
