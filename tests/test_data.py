@@ -484,9 +484,9 @@ def test_default_corpus_finds_stdlib_and_pydoc_topics(tmp_path):
     assert all(f.endswith(".py") for f in files) and len(files) > 300
     assert not [f for f in files if f.startswith(("test/", "site-packages/", "pydoc_data/", "idlelib/Icons"))]
     assert "encodings/cp1252.py" not in files
-    from lmsmith.data.shards import _resolve_sources
+    from lmsmith.data import resolve_sources
 
-    assert [s.name for s in _resolve_sources(None)] == ["code", "docs", "tasks"]  # prepare(None, ...) uses it
+    assert [s.name for s in resolve_sources(None)] == ["code", "docs", "tasks"]  # prepare(None, ...) uses it
     topics = dict(iter_documents(docs))
     assert len(topics) > 50 and "assert" in topics and "assert" in topics["assert"]
     # end to end on a slice of it: the docs source through prepare

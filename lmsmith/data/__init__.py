@@ -4,12 +4,13 @@
     TokenShards(dir)                                      memory-mapped streams per source/split
     MixtureBatches(shards, batch_size=, seq_len=)         weighted, resumable training batches
     sequential_batches(shards, "validation", ...)         in-order evaluation batches
-    default_corpus_sources()                              the stdlib + pydoc topics corpus
+    default_corpus_sources()                              the built-in corpus (stdlib, pydoc topics, worked tasks)
+    resolve_sources(sources)                              checked Sources (None: the built-in corpus)
 """
 
 from .corpus import default_corpus_sources
 from .mixture import IGNORE_INDEX, MixtureBatches, sequential_batches
-from .shards import TokenShards, TokenStream, load_manifest, prepare, token_dtype
+from .shards import TokenShards, TokenStream, load_manifest, prepare, resolve_sources, token_dtype
 from .sources import Source, SourceStats, iter_documents, parse_source
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "load_manifest",
     "parse_source",
     "prepare",
+    "resolve_sources",
     "sequential_batches",
     "token_dtype",
 ]

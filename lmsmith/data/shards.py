@@ -142,7 +142,9 @@ def _other(split: str) -> str:
     return "validation" if split == "train" else "train"
 
 
-def _resolve_sources(sources: Sequence[Source | str] | None) -> list[Source]:
+def resolve_sources(sources: Sequence[Source | str] | None) -> list[Source]:
+    """`Source`s (or NAME=PATH[:WEIGHT] strings; None = the built-in corpus) checked: every path exists,
+    names are unique."""
     if sources is None or len(sources) == 0:
         from .corpus import default_corpus_sources
 
@@ -204,7 +206,7 @@ def prepare(
         raise LmsmithError(f"min_chars {min_chars} must be >= 0")
     if shard_tokens < 1:
         raise LmsmithError(f"shard_tokens {shard_tokens} must be >= 1")
-    srcs = _resolve_sources(sources)
+    srcs = resolve_sources(sources)
     out = Path(out_dir)
     _check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -101,8 +101,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import preset
-    from ..data import MixtureBatches, TokenShards, parse_source, prepare, sequential_batches
-    from ..data.shards import _resolve_sources
+    from ..data import MixtureBatches, TokenShards, parse_source, prepare, resolve_sources, sequential_batches
     from ..train import TrainConfig, causal_lm_objective, sample_text, train
 
     t_start = time.time()
@@ -110,20 +109,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(opts["out"])
     _check_inputs(opts)
     sources = [parse_source(s) for s in opts["source"]] if opts["source"] else None
-    if sources:
-        _resolve_sources(sources)  # every --source exists, names unique: checked before anything is deleted
+    # The corpus (None: --data shards), checked before anything is deleted: every source exists, names unique.
+    corpus = None if opts["data"] else resolve_sources(sources)
     # --overwrite also remakes the tokenizer and shards: the corpus or vocabulary may have changed.
     prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]), made=("tokenizer", "data"),
                        inputs={"--init-from": opts["init_from"], "--tokenizer": opts["tokenizer"],
                                "--data": opts["data"], **{f"--source {s.name}": s.path for s in sources or ()}})
 
     # ---- tokenizer and data --------------------------------------------------------------------
-    tokenizer = _tokenizer(opts, out, sources)
+    tokenizer = _tokenizer(opts, out, corpus)
     if opts["data"]:
         shards = TokenShards(opts["data"])
         shards.check_tokenizer(tokenizer)
     else:
-        shards = _shards(out / "data", tokenizer, sources, prepare, TokenShards, bool(opts["resume"]))
+        shards = _shards(out / "data", tokenizer, corpus, prepare, TokenShards, bool(opts["resume"]))
 
     # ---- model ------------------------------------------------------------------------------------
     model, cfg_desc = _model(opts, tokenizer, preset)
@@ -142,8 +141,7 @@ def run(args: argparse.Namespace) -> int:
                  path_keys=("data", "tokenizer", "init_from"))
 
     # The weights asked for now (shards reused from an earlier run may have been made with others).
-    weights = None if opts["data"] else {s.name: float(s.weight) for s in _resolve_sources(sources)
-                                         if s.name in shards.sources}
+    weights = None if corpus is None else {s.name: float(s.weight) for s in corpus if s.name in shards.sources}
     batches = MixtureBatches(shards, "train", batch_size=opts["batch_size"], seq_len=opts["seq_len"],
                              seed=config.seed, weights=weights)
     has_val = any(shards.tokens(s, "validation") > opts["seq_len"] for s in shards.sources)
@@ -189,11 +187,11 @@ def _check_inputs(opts: dict) -> None:
                            "tokenizer the model was trained with")
 
 
-def _tokenizer(opts: dict, out: Path, sources):
+def _tokenizer(opts: dict, out: Path, corpus):
     """The given tokenizer; else --init-from's own; else one saved in the run folder by an earlier run;
     else train one."""
     from ..config import preset
-    from ..data import default_corpus_sources, iter_documents
+    from ..data import iter_documents
     from ..errors import LmsmithError
     from ..tokenizer import Tokenizer
 
@@ -207,32 +205,28 @@ def _tokenizer(opts: dict, out: Path, sources):
     if (saved / "tokenizer.json").exists():
         return Tokenizer.load(saved)
     vocab = opts["vocab_size"] or preset(opts["preset"]).vocab_size
-    srcs = sources or default_corpus_sources()
 
     def texts(limit_bytes: int = 200_000_000):
         seen = 0
-        for src in srcs:
+        for src in corpus:
             for _, text in iter_documents(src, skip_bad=True):
                 yield text
                 seen += len(text)
                 if seen > limit_bytes:  # enough text to learn merges from; keeps huge corpora cheap
                     return
 
-    print(f"training a {vocab}-token BPE tokenizer on {', '.join(s.name for s in srcs)} ...")
+    print(f"training a {vocab}-token BPE tokenizer on {', '.join(s.name for s in corpus)} ...")
     tok = Tokenizer.train(texts(), vocab_size=vocab)
     tok.save(saved)
     return tok
 
 
-def _shards(folder: Path, tokenizer, sources, prepare, TokenShards, resume: bool):
+def _shards(folder: Path, tokenizer, corpus, prepare, TokenShards, resume: bool):
     """Reuse shards already prepared from these sources with this tokenizer (a resumed run), else prepare them.
 
     A resumed run whose shards came from other sources is an error: re-preparing would train the rest
     of the run on another corpus.
     """
-    import os
-
-    from ..data.shards import _resolve_sources
     from ..errors import LmsmithError
 
     def key(name: str, path: str) -> tuple:  # weights only steer sampling: a change needs no new shards
@@ -243,14 +237,14 @@ def _shards(folder: Path, tokenizer, sources, prepare, TokenShards, resume: bool
         m = shards.manifest
         made_from = sorted(key(e["name"], e["path"]) for e in m["sources"] + m.get("excluded", []))
         wanted = sorted(key(s.name, s.path if s.path is not None else f"<in-memory:{s.name}>")
-                        for s in _resolve_sources(sources))
+                        for s in corpus)
         if shards.tokenizer_hash == tokenizer.hash and made_from == wanted:
             return shards
         if resume:
             raise LmsmithError(f"{folder} was prepared from {', '.join(n for n, _ in made_from)} "
                                f"({'; '.join(p for _, p in made_from)}), not the sources this resume names; "
                                "resume without --source, or start a new run with --out NEWDIR")
-    prepare(sources, tokenizer, folder)
+    prepare(corpus, tokenizer, folder)
     return TokenShards(folder)
 
 
