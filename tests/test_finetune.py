@@ -119,17 +119,24 @@ def test_lora_resume_equals_uninterrupted_run(task, tmp_path, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_prompt_tuning_leaves_base_weights_bit_identical(task, tmp_path, monkeypatch):
+@pytest.fixture
+def seen(monkeypatch):
+    """What the last `lmsmith.train.train` call got: "model", and "start", a copy of its trainable
+    parameters (by name) before the first step, so a test can tell what training changed."""
     import lmsmith.train as train_mod
 
-    seen = {}
-    real_train = train_mod.train
+    seen, real_train = {}, train_mod.train
 
     def spy(model, *a, **k):
-        seen["model"], seen["init"] = model, model.prompt_embeddings.weight.detach().clone()
+        seen["model"] = model
+        seen["start"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return real_train(model, *a, **k)
 
     monkeypatch.setattr(train_mod, "train", spy)
+    return seen
+
+
+def test_prompt_tuning_leaves_base_weights_bit_identical(task, tmp_path, seen):
     out = tmp_path / "prompt"
     rc = main(["finetune", str(task / "model"), "--data", str(task / "train.jsonl"), "--method", "prompt",
                "--virtual-tokens", "4", "--lr", "3e-2", "--max-steps", "6", "--batch-size", "8",
@@ -138,24 +145,11 @@ def test_prompt_tuning_leaves_base_weights_bit_identical(task, tmp_path, monkeyp
     base, _ = load(task / "model")
     trained = seen["model"].base.state_dict()
     assert all(torch.equal(t, trained[k]) for k, t in base.state_dict().items())
-    assert not torch.equal(seen["model"].prompt_embeddings.weight, seen["init"])  # the soft prompt trained
+    assert not torch.equal(seen["model"].prompt_embeddings.weight, seen["start"]["prompt_embeddings.weight"])
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size < 10_000
 
 
-def test_cli_prefix_tuning_trains_keys_values_and_template_rows(task, tmp_path, monkeypatch, capsys):
-    import json
-
-    from lmsmith import train as train_mod
-
-    seen = {}
-    real_train = train_mod.train
-
-    def spy(model, *a, **k):
-        seen["model"] = model
-        seen["kv"], seen["rows"] = model.prefix_kv.detach().clone(), model.token_embeddings.detach().clone()
-        return real_train(model, *a, **k)
-
-    monkeypatch.setattr(train_mod, "train", spy)
+def test_cli_prefix_tuning_trains_keys_values_and_template_rows(task, tmp_path, seen, capsys):
     out = tmp_path / "prefix"
     rc = main(["finetune", str(task / "model"), "--data", str(task / "train.jsonl"), "--method", "prefix",
                "--virtual-tokens", "4", "--lr", "3e-2", "--max-steps", "6", "--batch-size", "8",
@@ -166,7 +160,9 @@ def test_cli_prefix_tuning_trains_keys_values_and_template_rows(task, tmp_path, 
     w = seen["model"]
     base, tok = load(task / "model")
     assert all(torch.equal(t, w.base.state_dict()[k]) for k, t in base.state_dict().items())
-    assert not torch.equal(w.prefix_kv, seen["kv"]) and not torch.equal(w.token_embeddings, seen["rows"])
+    start = seen["start"]
+    assert not torch.equal(w.prefix_kv, start["prefix_kv"]) and not torch.equal(w.token_embeddings,
+                                                                                 start["token_embeddings"])
     assert tok.token_to_id("<|im_end|>") in w.prompt_config.train_tokens
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert meta["peft_type"] == "PREFIX_TUNING"
@@ -177,7 +173,7 @@ def test_cli_prefix_tuning_trains_keys_values_and_template_rows(task, tmp_path, 
     common = ["--data", str(task / "train.jsonl"), "--adapter", str(out / "adapter"), "--max-steps", "2",
               "--batch-size", "8", "--save-every", "0", "--out", str(tmp_path / "again"), *COMMON]
     assert main(["finetune", str(task / "model"), "--method", "prefix", *common]) == 0
-    torch.testing.assert_close(seen["kv"], saved_kv)
+    torch.testing.assert_close(seen["start"]["prefix_kv"], saved_kv)
     assert seen["model"].prompt_config.train_tokens == w.prompt_config.train_tokens
     capsys.readouterr()
     assert main(["finetune", str(task / "model"), "--method", "prompt", *common]) == 1

@@ -139,9 +139,11 @@ def _canonical(question: str) -> str:
     """One string for all questions that share an answer or its reverse (see the module docstring)."""
     if m := re.fullmatch(r"What is (\d+) \+ (\d+)\?", question):
         return "+ " + " ".join(sorted(m.groups(), key=int))
-    if m := re.fullmatch(r"(Reverse the words|Sort these words alphabetically): (.+)", question):
-        words = m.group(2).split()
-        return f"{m.group(1)}: " + " ".join(min(words, words[::-1]) if m.group(1)[0] == "R" else sorted(words))
+    if m := re.fullmatch(r"Reverse the words: (.+)", question):
+        words = m.group(1).split()
+        return "Reverse the words: " + " ".join(min(words, words[::-1]))  # an order and its reverse: one pair
+    if m := re.fullmatch(r"Sort these words alphabetically: (.+)", question):
+        return "Sort these words alphabetically: " + " ".join(sorted(m.group(1).split()))
     if m := re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", question):
         n, src, dst = int(m.group(1)), m.group(2), m.group(3)
         for unit, other, factor in CONVERSIONS:

@@ -89,9 +89,9 @@ def _tasks(model, tokenizer, args) -> None:
     from ..eval.tasks import format_accuracy, task_accuracy
 
     examples, _ = read_examples(args.tasks)
-    note = heldout_warning(examples, args.tasks)
     if args.max_docs:
         examples = examples[: args.max_docs]
+    note = heldout_warning(examples, args.tasks)
     t0 = time.time()
     result = task_accuracy(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
     if args.json:

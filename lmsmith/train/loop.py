@@ -507,15 +507,14 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                     tok_s = tokens_since_log / max(now - t_log, 1e-9)
                     mfu = None
                     if peak and mcfg is not None and seq_len:
-                        mfu = tok_s * mcfg.flops_per_token(seq_len) / peak
-                        if mfu > 1 and cfg.peak_flops is None and not reprobed:
+                        achieved = tok_s * mcfg.flops_per_token(seq_len)
+                        if achieved > peak and cfg.peak_flops is None and not reprobed:
                             # The start-up probe ran while the machine was busy (training cannot beat the
                             # matmul peak): measure again, once, and never report above 100%.
                             reprobed = True
-                            achieved = tok_s * mcfg.flops_per_token(seq_len)
                             peak = max(measure_matmul_peak(compute_dtype, device, refresh=True), achieved)
-                            mfu = achieved / peak
                             now = time.perf_counter()  # the probe's second is not training time
+                        mfu = achieved / peak
                     row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_before + tokens_run,
                            "tokens_per_s": tok_s, "mfu": mfu, "grad_norm": grad_norm,
                            "elapsed": now - t_start, **step_metrics}
