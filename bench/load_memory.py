@@ -27,16 +27,16 @@ import json, resource, sys, time
 import torch
 loader, path = sys.argv[1], sys.argv[2]
 if loader.startswith("lmsmith"):
-    import lmsmith.checkpoint as ck
+    import lmsmith
 else:
     import transformers
 torch.set_num_threads(2)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()
 if loader == "lmsmith":
-    model, _ = ck.load(path)
+    model, _ = lmsmith.load(path)
 elif loader == "lmsmith-fp32":
-    model, _ = ck.load(path, dtype=torch.float32)
+    model, _ = lmsmith.load(path, dtype=torch.float32)
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
 load_s = time.perf_counter() - t0

@@ -90,7 +90,7 @@ def weight_rmse(ref: dict[str, np.ndarray], path: Path) -> float:
 
 def ppl_of(path: Path, tok, texts, seq_len: int) -> float:
     from lmsmith.eval.perplexity import perplexity
-    from lmsmith.quant.gguf import load_gguf
+    from lmsmith.loader import load as load_gguf
 
     m, _ = load_gguf(path)
     return perplexity(m, tok, texts, seq_len=seq_len, batch_size=4).perplexity
@@ -123,14 +123,15 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
-    from lmsmith.quant.gguf import export_gguf, load_gguf
+    from lmsmith.loader import load as load_gguf
+    from lmsmith.quant.gguf import export_gguf
     from lmsmith.quant.linear import apply_quantization, resident_bytes
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.model:
         import lmsmith.checkpoint
 
-        model, tok = lmsmith.checkpoint.load(args.model)
+        model, tok = lmsmith.load(args.model)
         what = args.model
     else:
         model, tok = build_default(args.preset)

@@ -1,9 +1,10 @@
 """lmsmith: the whole life of a decoder-only language model."""
 
-from .checkpoint import load, read_config, save
+from .checkpoint import read_config, save
 from .config import ModelConfig, preset
 from .decoding import GenerationConfig, generate, generate_ids, generate_stream, next_token_probs
 from .errors import LmsmithError
+from .loader import load
 from .model import KVCache, Transformer, build_model
 from .tokenizer import Tokenizer
 

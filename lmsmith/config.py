@@ -75,6 +75,18 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise LmsmithError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("head_dim", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise LmsmithError(f"ModelConfig.{name} must be a positive integer or None, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise LmsmithError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise LmsmithError(f"ModelConfig.rope_scaling must be a mapping (llama3 scaling) or None, "
+                               f"got {self.rope_scaling!r}")
         if self.head_dim is None:
             if self.dim % self.n_heads != 0:
                 raise LmsmithError(
@@ -91,8 +103,6 @@ class ModelConfig:
             )
         if self.arch not in _ARCH_TO_HF:
             raise LmsmithError(f"ModelConfig: unknown arch {self.arch!r}; supported: {', '.join(_ARCH_TO_HF)}")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise LmsmithError("ModelConfig: norm_eps and rope_theta must be positive")
         if self.rope_scaling is not None:
             self.rope_scaling = _check_rope_scaling(self.rope_scaling)
 
@@ -178,6 +188,9 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from a Hugging Face `config.json` dict (Llama, Qwen2 or Mistral)."""
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise LmsmithError(f"{source}: architectures must be a list of names such as [\"LlamaForCausalLM\"], "
+                               f"got {archs!r}")
         model_type = hf.get("model_type")
         arch = None
         for a in archs:
@@ -208,7 +221,7 @@ class ModelConfig:
                 max_seq_len=hf.get("max_position_embeddings", 2048),
                 head_dim=hf.get("head_dim") or None,
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
-                rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rope_theta=hf.get("rope_theta", _rope_parameters(hf).get("rope_theta", 10000.0)),
                 rope_scaling=_hf_rope_scaling(hf),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 qkv_bias=qkv_bias,
@@ -218,14 +231,35 @@ class ModelConfig:
             )
         except KeyError as e:
             raise LmsmithError(f"{source}: missing required field {e.args[0]!r}") from None
+        except LmsmithError as e:  # name the file and the HF field, not our dataclass
+            msg = str(e)
+            for ours, theirs in _HF_FIELDS.items():
+                msg = msg.replace(f"ModelConfig.{ours} ", f"{theirs} ").replace(f"({ours})", f"({theirs})")
+            raise LmsmithError(f"{source}: {msg.removeprefix('ModelConfig: ')}") from None
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    rp = hf.get("rope_parameters")
+    return rp if isinstance(rp, dict) else {}
+
+
+# Our field names -> config.json's, for messages about a config.json.
+_HF_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+              "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+              "hidden_dim": "intermediate_size", "max_seq_len": "max_position_embeddings", "head_dim": "head_dim",
+              "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta", "rope_scaling": "rope_scaling",
+              "sliding_window": "sliding_window", "init_std": "initializer_range"}
 
 
 def _hf_rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
     rs = hf.get("rope_scaling")
+    if rs is not None and not isinstance(rs, dict):
+        raise LmsmithError(f"rope_scaling must be a mapping such as {{\"rope_type\": \"llama3\", ...}} or null, "
+                           f"got {rs!r}")
     if rs is None:
         # transformers 5 writes rope settings under "rope_parameters".
         rp = hf.get("rope_parameters")
-        if rp and rp.get("rope_type", "default") != "default":
+        if isinstance(rp, dict) and rp.get("rope_type", "default") != "default":
             rs = {k: v for k, v in rp.items() if k != "rope_theta"}
     if not rs:
         return None

@@ -200,7 +200,11 @@ class Tokenizer:
             chat_template = jinja_file.read_text(encoding="utf-8")
         generation = _read_json(directory / "generation_config.json")
         extra = generation.get("eos_token_id")
-        extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+        extra = [] if extra is None else [extra] if isinstance(extra, int) else extra
+        if not isinstance(extra, list) or not all(isinstance(i, int) and not isinstance(i, bool) and
+                                                  0 <= i < backend.get_vocab_size() for i in extra):
+            raise LmsmithError(f"{directory / 'generation_config.json'}: eos_token_id must be a token id or a list "
+                               f"of ids below {backend.get_vocab_size()}, got {generation.get('eos_token_id')!r}")
 
         max_len = config.get("model_max_length")
         max_len = int(max_len) if isinstance(max_len, (int, float)) and max_len < _NO_MAX_LENGTH else None

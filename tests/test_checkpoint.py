@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import lmsmith
 from lmsmith import checkpoint as ck
+from lmsmith import fileio
 from lmsmith.config import ModelConfig
 from lmsmith.errors import LmsmithError
 from lmsmith.model import build_model
@@ -69,7 +71,7 @@ def test_transformers_to_lmsmith(name, tmp_path):
     cfg = make_cfg(**CONFIGS[name])
     ref = hf_model(cfg)
     ref.save_pretrained(tmp_path)
-    model, tok = ck.load(tmp_path)
+    model, tok = lmsmith.load(tmp_path)
     assert tok is None
     assert model.config.tie_embeddings == cfg.tie_embeddings
     x = prompts(cfg)
@@ -89,7 +91,7 @@ def test_lmsmith_to_transformers(name, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=0)
     # and our own round trip is exact
-    again, _ = ck.load(tmp_path / "ckpt")
+    again, _ = lmsmith.load(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
 
@@ -106,13 +108,13 @@ def test_sharded_both_ways(tmp_path):
     with torch.no_grad():
         want = model(x)
         torch.testing.assert_close(hf_load(tmp_path / "ours")(x).logits, want, atol=1e-4, rtol=0)
-        loaded, _ = ck.load(tmp_path / "ours")
+        loaded, _ = lmsmith.load(tmp_path / "ours")
         assert torch.equal(loaded(x), want)
 
     ref = hf_model(make_cfg(**CONFIGS["mha-untied"]))
     ref.save_pretrained(tmp_path / "theirs", max_shard_size="40KB")
     assert (tmp_path / "theirs" / "model.safetensors.index.json").is_file()
-    loaded, _ = ck.load(tmp_path / "theirs")
+    loaded, _ = lmsmith.load(tmp_path / "theirs")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ref(x).logits, atol=1e-4, rtol=0)
 
@@ -126,9 +128,9 @@ def test_half_precision_files(dtype, tmp_path):
     assert hf_cfg["torch_dtype"] == str(dtype).removeprefix("torch.")
 
     # dtype=None keeps the file's dtype; dtype=fp32 converts and equals the rounded fp32 model.
-    half, _ = ck.load(tmp_path / "ours")
+    half, _ = lmsmith.load(tmp_path / "ours")
     assert {p.dtype for p in half.parameters()} == {dtype}
-    full, _ = ck.load(tmp_path / "ours", dtype="fp32")
+    full, _ = lmsmith.load(tmp_path / "ours", dtype="fp32")
     rounded = build_model(cfg, seed=0).to(dtype).float()
     x = prompts(cfg)
     with torch.no_grad():
@@ -140,7 +142,7 @@ def test_half_precision_files(dtype, tmp_path):
     # a half-precision file written by transformers
     ref = hf_model(cfg).to(dtype)
     ref.save_pretrained(tmp_path / "theirs")
-    loaded, _ = ck.load(tmp_path / "theirs")
+    loaded, _ = lmsmith.load(tmp_path / "theirs")
     assert loaded.model.embed_tokens.weight.dtype == dtype
     for name, p in ref.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p), name
@@ -149,13 +151,13 @@ def test_half_precision_files(dtype, tmp_path):
 def test_load_to_dtype_and_weights_writable_without_touching_file(tmp_path):
     cfg = make_cfg(**CONFIGS["mha-untied"])
     ck.save(build_model(cfg, seed=0), None, tmp_path / "m")
-    a, _ = ck.load(tmp_path / "m", dtype=torch.bfloat16)
+    a, _ = lmsmith.load(tmp_path / "m", dtype=torch.bfloat16)
     assert a.lm_head.weight.dtype == torch.bfloat16 and a.inv_freq.dtype == torch.float32
-    b, _ = ck.load(tmp_path / "m")
+    b, _ = lmsmith.load(tmp_path / "m")
     before = b.model.norm.weight.clone()
     with torch.no_grad():
         b.model.norm.weight.add_(1.0)  # memory-mapped copy-on-write: the file must not change
-    c, _ = ck.load(tmp_path / "m")
+    c, _ = lmsmith.load(tmp_path / "m")
     assert torch.equal(c.model.norm.weight, before)
     assert not any(p.is_meta for p in c.parameters())
 
@@ -167,7 +169,7 @@ def test_tied_model_stays_tied(tmp_path):
 
     with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys()  # noqa: SIM118 (safe_open is not a mapping)
-    m, _ = ck.load(tmp_path / "m")
+    m, _ = lmsmith.load(tmp_path / "m")
     assert m.lm_head.weight is m.model.embed_tokens.weight
 
 
@@ -186,7 +188,7 @@ def test_generation_config_and_tokenizer_round_trip(tmp_path):
     hf_cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert hf_cfg["bos_token_id"] == tok.bos_id and hf_cfg["pad_token_id"] == tok.pad_id
 
-    m2, tok2 = ck.load(tmp_path / "m")
+    m2, tok2 = lmsmith.load(tmp_path / "m")
     ids = tok.encode("def g(x): return x")
     assert tok2.encode("def g(x): return x") == ids
     assert tok2.eos_id == tok.eos_id and tok2.vocab_size == tok.vocab_size
@@ -256,14 +258,14 @@ def test_save_replaces_and_extra_lands_inside(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "ckpt").st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
-    m, _ = ck.load(tmp_path / "ckpt")
+    m, _ = lmsmith.load(tmp_path / "ckpt")
     with torch.no_grad():
         x = prompts(cfg)
         assert torch.equal(m(x), build_model(cfg, seed=1)(x))
 
 
 def test_save_atomic_dir_helper(tmp_path):
-    ck.save_atomic_dir(tmp_path / "d", lambda d: (d / "a.txt").write_text("x"))
+    fileio.save_atomic_dir(tmp_path / "d", lambda d: (d / "a.txt").write_text("x"))
     assert (tmp_path / "d" / "a.txt").read_text() == "x"
 
 
@@ -287,7 +289,7 @@ def saved(tmp_path):
 
 def _err(path, match: str) -> str:
     with pytest.raises(LmsmithError) as e:
-        ck.load(path)
+        lmsmith.load(path)
     msg = str(e.value)
     assert "\n" not in msg
     assert match in msg, msg

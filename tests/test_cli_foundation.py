@@ -60,9 +60,9 @@ def test_init_then_info(tokenizer_dir, tmp_path, capsys):
     assert rep["params"]["total"] == cfg.num_params()
     assert rep["shape"]["vocab_size"] == 280
 
-    import lmsmith.checkpoint as ck
+    import lmsmith
 
-    model, tok = ck.load(out_dir)
+    model, tok = lmsmith.load(out_dir)
     assert tok is not None and tok.vocab_size == 280 and model.config.vocab_size == 280
 
     transformers = pytest.importorskip("transformers")
@@ -78,9 +78,9 @@ def test_init_bf16_without_tokenizer(tmp_path, capsys):
     out_dir = tmp_path / "m"
     assert main(["init", "--preset", "tiny", "--out", str(out_dir), "--dtype", "bf16", "--max-seq-len", "128"]) == 0
     assert "no --tokenizer" in capsys.readouterr().err
-    import lmsmith.checkpoint as ck
+    import lmsmith
 
-    model, tok = ck.load(out_dir)
+    model, tok = lmsmith.load(out_dir)
     assert tok is None
     assert model.lm_head.weight.dtype.itemsize == 2 and model.config.max_seq_len == 128
     assert "tokenizer.json" not in os.listdir(out_dir)

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsmith.adapters.lora import LoraConfig, apply_lora, merge_lora
-from lmsmith.checkpoint import load, save
+from lmsmith.checkpoint import save
 from lmsmith.config import ModelConfig
 from lmsmith.decoding import GenerationConfig, generate_ids
 from lmsmith.decoding.layout import SPLIT_MAX_ROWS, DecodeLinear, is_column_major, use_decode_layout
+from lmsmith.loader import load
 from lmsmith.model import build_model
 
 CFG = ModelConfig(vocab_size=96, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64,

@@ -244,7 +244,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_text_api_streaming_equals_generate(model_dir):
-    from lmsmith.checkpoint import load
+    from lmsmith.loader import load
 
     m, tok = load(model_dir)
     for cfg in (GenerationConfig(max_new_tokens=20), GenerationConfig(strategy="top_p", seed=3, max_new_tokens=20),

@@ -9,10 +9,11 @@ import re
 import pytest
 import torch
 
-from lmsmith.checkpoint import load, save
+from lmsmith.checkpoint import save
 from lmsmith.cli import main
 from lmsmith.config import ModelConfig
 from lmsmith.data import synth
+from lmsmith.loader import load
 from lmsmith.model import build_model
 from lmsmith.tokenizer import Tokenizer
 

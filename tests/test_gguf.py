@@ -11,9 +11,10 @@ import torch
 
 from lmsmith.config import ModelConfig
 from lmsmith.errors import LmsmithError
+from lmsmith.loader import load as load_gguf
 from lmsmith.model import build_model
 from lmsmith.quant import plan_mix, scheme_names
-from lmsmith.quant.gguf import FILE_TYPES, export_gguf, gguf_name, load_gguf
+from lmsmith.quant.gguf import FILE_TYPES, export_gguf, gguf_name
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is the reference reader")
 
@@ -136,7 +137,7 @@ def test_lmsmith_load_dispatches_gguf(tmp_path, model_tok):
     model, tok = model_tok
     path = tmp_path / "m.gguf"
     export_gguf(model, tok, path, "f32", progress=False)
-    m2, tok2 = lmsmith.checkpoint.load(path, dtype="bf16")
+    m2, tok2 = lmsmith.load(path, dtype="bf16")
     assert m2.model.embed_tokens.weight.dtype == torch.bfloat16 and tok2 is not None
 
 

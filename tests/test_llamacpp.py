@@ -52,7 +52,7 @@ def llamacpp_greedy(llm, ids, n):
 
 @pytest.mark.parametrize("scheme", ["f16", "q8_0"])
 def test_llamacpp_greedy_matches(tmp_path, trained, scheme):
-    from lmsmith.quant.gguf import load_gguf
+    from lmsmith.loader import load as load_gguf
 
     model, tok = trained
     path = tmp_path / f"m-{scheme}.gguf"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lmsmith import checkpoint
+from lmsmith import checkpoint, loader
 from lmsmith.adapters import (
     LoraConfig,
     apply_lora,
@@ -137,7 +137,7 @@ def test_peft_interop_both_ways(tmp_path, targets, rslora):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     pm2.eval().save_pretrained(tmp_path / "peft")
-    ours, _ = checkpoint.load(tmp_path / "base")
+    ours, _ = loader.load(tmp_path / "base")
     got = load_lora(ours, tmp_path / "peft")
     assert got.use_rslora == rslora and got.r == 4
     with torch.no_grad():
@@ -186,7 +186,7 @@ def test_cli_merge_end_to_end(tmp_path, capsys):
     assert (tmp_path / "merged" / "tokenizer.json").exists()
     with torch.no_grad():
         torch.testing.assert_close(_hf(tmp_path / "merged")(ids).logits, want, atol=1e-5, rtol=1e-5)
-    merged, tok2 = checkpoint.load(tmp_path / "merged")
+    merged, tok2 = loader.load(tmp_path / "merged")
     torch.testing.assert_close(merged(ids), want, atol=1e-5, rtol=1e-5)
     assert tok2 is not None
 

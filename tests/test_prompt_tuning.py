@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmsmith import checkpoint
+from lmsmith import checkpoint, loader
 from lmsmith.adapters import (
     PromptTunedModel,
     PromptTuningConfig,
@@ -161,7 +161,7 @@ def test_cli_adapter_option(tmp_path, capsys):
     checkpoint.save(m, tok, tmp_path / "base")
     w = apply_prompt_tuning(m, PromptTuningConfig(n_virtual_tokens=4, init_text="the dog"), tok)
     save_prompt_tuning(w, tmp_path / "pt")
-    m2, _ = checkpoint.load(tmp_path / "base")
+    m2, _ = loader.load(tmp_path / "base")
     lc = LoraConfig(r=2)
     apply_lora(m2, lc)
     save_lora(m2, lc, tmp_path / "lora")

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from test_gguf import PROMPTS, logits, make_model  # noqa: I001  (tests dir is on sys.path)
 
 from lmsmith.errors import LmsmithError
+from lmsmith.loader import load as load_int8
 from lmsmith.quant import QType, dequantize, quantize
-from lmsmith.quant.int8 import is_int8_dir, load_int8, save_int8
+from lmsmith.quant.int8 import is_int8_dir, save_int8
 from lmsmith.quant.linear import QuantLinear, apply_quantization, dequantize_q4_k_torch, resident_bytes
 
 
@@ -111,7 +112,7 @@ def test_int8_directory_roundtrip(tmp_path, model_tok):
     assert resident_bytes(m2) < 0.4 * resident_bytes(model)
     import lmsmith.checkpoint
 
-    m3, _ = lmsmith.checkpoint.load(out)
+    m3, _ = lmsmith.load(out)
     assert isinstance(m3.model.layers[0].mlp.up_proj, QuantLinear)
 
 
@@ -126,7 +127,7 @@ def test_quantize_cli(tmp_path, model_tok, capsys):
     out = capsys.readouterr().out
     assert "Q4_K_M" in out and "Q6_K" in out and "m.gguf" in out
     assert main(["quantize", str(src), "--scheme", "bf16", "--out", str(tmp_path / "bf16")]) == 0
-    m_bf16, _ = lmsmith.checkpoint.load(tmp_path / "bf16")
+    m_bf16, _ = lmsmith.load(tmp_path / "bf16")
     assert m_bf16.model.embed_tokens.weight.dtype == torch.bfloat16
     assert main(["quantize", str(src), "--scheme", "q9_z", "--out", str(tmp_path / "x.gguf")]) == 1
     assert "known schemes" in capsys.readouterr().err

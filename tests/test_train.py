@@ -246,7 +246,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     st.load_model_weights(m, ckpts / "step-0000003")
     state, opt, _ = st.load_train_state(ckpts / "step-0000003")
     assert state["step"] == 3 and opt
-    from lmsmith.checkpoint import load
+    from lmsmith.loader import load
 
     loaded, _ = load(ckpts / "step-0000003")  # a plain HF directory for everyone else
     torch.testing.assert_close(loaded.state_dict(), m.state_dict())

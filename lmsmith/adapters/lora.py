@@ -346,7 +346,7 @@ def save_lora(model: nn.Module, config: LoraConfig | None, path, base_model_name
     `PeftModel.from_pretrained(hf_model, path)` loads it onto the transformers model of
     our HF export. Tensors are written in their own dtype (fp32 for half-precision bases).
     """
-    from ..checkpoint import atomic_dir, write_safetensors
+    from ..fileio import atomic_dir, write_safetensors
 
     config = config or getattr(model, "_lmsmith_lora_config", None)
     if config is None:

@@ -470,7 +470,7 @@ def _save_prefix(model: PromptTunedModel, path, base_model_name_or_path: str | N
 
 
 def _write(model: PromptTunedModel, path, meta: dict, ours: dict, tensors: dict) -> Path:
-    from ..checkpoint import atomic_dir, write_safetensors
+    from ..fileio import atomic_dir, write_safetensors
 
     if model.token_ids is not None:
         tensors[_TOKEN_IDS_KEY] = model.token_ids

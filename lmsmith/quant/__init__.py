@@ -4,8 +4,8 @@
   to the exact bytes a GGUF file stores, and back (blocks.py, kquants.py).
 - `tensor_types(scheme, tensors, n_layers)` / `plan_mix(...)`: the type of every
   tensor for Q4_K_M, Q3_K_M, ... as llama.cpp chooses it (mixes.py).
-- `export_gguf` / `load_gguf`: GGUF files llama.cpp runs, and reading them back (gguf.py).
-- `save_int8` / `load_int8`: int8 per-channel weight-only directories (int8.py).
+- `export_gguf` / `open_gguf`: GGUF files llama.cpp runs, and reading them back (gguf.py; `lmsmith.load` loads them).
+- `save_int8` / `open_int8`: int8 per-channel weight-only directories (int8.py).
 - `QuantLinear` / `apply_quantization`: packed quantized inference in torch (linear.py).
 - `quality_table`: bits per weight, size and perplexity per scheme (report.py).
 
@@ -17,8 +17,8 @@ from .linear import QuantLinear, apply_quantization, resident_bytes
 from .mixes import MixPlan, plan_mix, scheme_names, tensor_types
 
 _LAZY = {
-    "export_gguf": "gguf", "load_gguf": "gguf", "read_gguf": "gguf",
-    "save_int8": "int8", "load_int8": "int8", "is_int8_dir": "int8",
+    "export_gguf": "gguf", "open_gguf": "gguf", "read_gguf": "gguf",
+    "save_int8": "int8", "open_int8": "int8", "is_int8_dir": "int8",
     "quality_table": "report", "format_table": "report",
 }
 
@@ -39,8 +39,8 @@ __all__ = [
     "export_gguf",
     "format_table",
     "is_int8_dir",
-    "load_gguf",
-    "load_int8",
+    "open_gguf",
+    "open_int8",
     "quality_table",
     "read_gguf",
     "resident_bytes",

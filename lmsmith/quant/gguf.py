@@ -34,7 +34,6 @@ import os
 import struct
 import sys
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -454,6 +453,7 @@ def _validate(path: Path) -> None:
             infos.append((tname, dims, ttype, offset))
         data_start = pos + (-pos % alignment)
         gguf = _gguf()
+        ranges = []
         for tname, dims, ttype, offset in infos:
             try:
                 block, tsize = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
@@ -470,6 +470,17 @@ def _validate(path: Path) -> None:
                     f"{path}: truncated GGUF file: tensor {tname.decode(errors='replace')!r} needs bytes up to "
                     f"{end} but the file has {size}; re-export or re-download it"
                 )
+            if offset % alignment:
+                raise LmsmithError(f"{path}: corrupt GGUF tensor info: {tname.decode(errors='replace')!r} starts at "
+                                   f"offset {offset}, not a multiple of the alignment {alignment}")
+            ranges.append((data_start + offset, end, tname))
+        ranges.sort()
+        for (_, end_a, a), (start_b, _, b) in zip(ranges, ranges[1:]):
+            if start_b < end_a:
+                raise LmsmithError(f"{path}: corrupt GGUF tensor info: {b.decode(errors='replace')!r} overlaps "
+                                   f"{a.decode(errors='replace')!r}; re-export or re-download it")
+        if len({name for _, _, name in ranges}) != len(ranges):
+            raise LmsmithError(f"{path}: corrupt GGUF tensor info: a tensor name appears twice")
 
 
 def read_gguf(path: str | os.PathLike):
@@ -508,6 +519,9 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: P
         v = meta.get(f"{arch}.{key}", default)
         if v is None and required:
             raise LmsmithError(f"{path}: GGUF metadata {arch}.{key} is missing")
+        if v is not None and (isinstance(v, (str, bytes, list, bool)) or
+                              (isinstance(v, float) and not math.isfinite(v))):
+            raise LmsmithError(f"{path}: GGUF metadata {arch}.{key} = {str(v)[:40]!r} is not a finite number")
         return v
 
     if "token_embd.weight" not in tensors:
@@ -525,7 +539,8 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: P
         rs["original_max_position_embeddings"] = int(rs["original_max_position_embeddings"])
     elif "rope_freqs.weight" in tensors:
         hd = int(head_dim or dim // n_heads)
-        rs = _fit_llama3_scaling(tensors["rope_freqs.weight"][2](), rope_theta, hd, int(get("context_length")))
+        fshape, ftype, ft = tensors["rope_freqs.weight"]
+        rs = _fit_llama3_scaling(_dequant_tensor(ft.data, ftype, fshape), rope_theta, hd, int(get("context_length")))
         rs = rs or None
     return ModelConfig(
         vocab_size=vocab,
@@ -545,25 +560,22 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: P
     )
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-              device: torch.device | str | None = None) -> tuple[Any, Any]:
-    """Load a GGUF file (ours, or llama.cpp's converter's) as `(model, tokenizer)`.
+def open_gguf(path: str | os.PathLike):
+    """A `loader.WeightSource` for a GGUF file (ours, or llama.cpp's converter's).
 
-    Every tensor is dequantized with lmsmith's own codecs to float32 (then `dtype`),
-    q/k are un-permuted for the llama architecture, the config is rebuilt from
-    the metadata and the tokenizer from tokens + merges + pre-tokenizer name.
-    The tokenizer is None (with a warning) when the file's tokenizer is not
-    byte-level BPE with a pre-tokenizer lmsmith knows.
+    The header is validated first (every count, length and tensor range against the file size);
+    the config is rebuilt from the metadata and the tokenizer from tokens + merges + pre-tokenizer
+    name. Every tensor is dequantized with lmsmith's own codecs to float32 (then the loader's dtype,
+    default float32), q/k un-permuted for the llama architecture. The tokenizer is None (with a
+    warning) when the file's tokenizer is not byte-level BPE with a pre-tokenizer lmsmith knows.
     """
-    from ..model import build_model
-    from ..precision import parse_dtype
+    from ..loader import WeightSource
 
     path = Path(path)
-    dtype = parse_dtype(dtype) or torch.float32
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
-    # name -> (numpy shape with the row length last, ggml type, a function giving float32 values)
-    tensors: dict[str, tuple[tuple[int, ...], int, Callable[[], np.ndarray]]] = {}
+    # name -> (numpy shape with the row length last, ggml type, the reader's tensor)
+    tensors: dict[str, tuple[tuple[int, ...], int, Any]] = {}
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         ttype = int(t.tensor_type)
@@ -572,42 +584,33 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         except LmsmithError:
             raise LmsmithError(f"{path}: tensor {t.name!r} has GGUF type {ttype}, which lmsmith cannot dequantize; "
                                f"supported: {', '.join(q.name for q in QType)}") from None
-        tensors[t.name] = (shape, ttype, lambda t=t, ttype=ttype, shape=shape: _dequant_tensor(t.data, ttype, shape))
+        tensors[t.name] = (shape, ttype, t)
     cfg = _config_from_metadata(meta, tensors, path)
     arch = meta["general.architecture"]
-
-    model = build_model(cfg, init=False)
-    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    state: dict[str, torch.Tensor] = {}
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    for g, (shape, _, values) in tensors.items():
+    by_hf: dict[str, str] = {}
+    for g in tensors:
         n = hf_name(g)
         if n is None:
             if g == "rope_freqs.weight":
                 continue
             raise LmsmithError(f"{path}: unexpected tensor {g!r} for a {arch} model")
-        if n not in expected:
-            raise LmsmithError(f"{path}: unexpected tensor {g!r} for {cfg.n_layers} layers")
-        if tuple(shape) != expected[n]:
-            raise LmsmithError(f"{path}: tensor {g!r} has shape {list(shape)} but the metadata implies "
-                               f"{list(expected[n])}")
-        arr = values()
-        if arch == "llama" and g.endswith(("attn_q.weight", "attn_q.bias")):
-            arr = unpermute_qk(arr, cfg.n_heads)
-        elif arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
-            arr = unpermute_qk(arr, cfg.n_kv_heads)
-        state[n] = torch.from_numpy(np.ascontiguousarray(arr)).to(device=dev, dtype=dtype)
-    missing = [n for n in expected if n not in state]
-    if missing:
-        raise LmsmithError(f"{path}: missing tensors {', '.join(missing[:5])}; the GGUF file is incomplete")
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    model.reset_buffers()
-    model.eval()
-    del reader
-    return model, tokenizer_from_metadata(meta, path)
+        by_hf[n] = g
+
+    def read(dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+        state = {}
+        for n, g in by_hf.items():
+            shape, ttype, t = tensors[g]
+            arr = _dequant_tensor(t.data, ttype, shape)
+            if arch == "llama" and g.endswith(("attn_q.weight", "attn_q.bias")):
+                arr = unpermute_qk(arr, cfg.n_heads)
+            elif arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
+                arr = unpermute_qk(arr, cfg.n_kv_heads)
+            state[n] = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=dtype or torch.float32)
+        return state
+
+    return WeightSource(path=path, where="GGUF metadata", config=cfg,
+                        shapes={n: tensors[g][0] for n, g in by_hf.items()}, read=read,
+                        tokenizer=lambda: tokenizer_from_metadata(meta, path))
 
 
 def _dequant_tensor(data: np.ndarray, ttype: int, shape: tuple[int, ...]) -> np.ndarray:

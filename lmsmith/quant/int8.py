@@ -8,9 +8,9 @@ Layout (everything else as in a normal checkpoint: tokenizer files, generation_c
   `<name>.weight_scale` (one float per output row; w ~= q * scale[:, None],
   symmetric, per output channel); norms and biases stay float.
 
-`load_int8` builds the model with the linear layers as packed `QuantLinear("int8")`
-modules (1 byte per weight resident) and the embedding dequantized (it is a
-table lookup). `checkpoint.load` calls it for directories `is_int8_dir` accepts.
+`open_int8` reads it for `lmsmith.load` (directories `is_int8_dir` accepts): the linear
+layers become packed `QuantLinear("int8")` modules (1 byte per weight resident) and the
+embedding is dequantized (it is a table lookup).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -47,15 +46,8 @@ def save_int8(model, tokenizer, path: str | os.PathLike, *, scale_dtype: torch.d
 
     Returns the directory written.
     """
-    from ..checkpoint import (
-        CONFIG_NAME,
-        GENERATION_CONFIG_NAME,
-        WEIGHTS_NAME,
-        _write_json,
-        atomic_dir,
-        special_ids,
-        write_safetensors,
-    )
+    from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, special_ids
+    from ..fileio import atomic_dir, write_json, write_safetensors
 
     cfg = model.config
     ids = special_ids(tokenizer)
@@ -84,82 +76,86 @@ def save_int8(model, tokenizer, path: str | os.PathLike, *, scale_dtype: torch.d
         "quantized_weights": len(quantized),
     }
     with atomic_dir(path) as tmp:
-        _write_json(tmp / CONFIG_NAME, hf)
+        write_json(tmp / CONFIG_NAME, hf)
         write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"quantization": QUANT_METHOD})
         gen = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"],
                "do_sample": False}
-        _write_json(tmp / GENERATION_CONFIG_NAME, {k: v for k, v in gen.items() if v is not None})
+        write_json(tmp / GENERATION_CONFIG_NAME, {k: v for k, v in gen.items() if v is not None})
         if tokenizer is not None:
             tokenizer.save(tmp)
     return path
 
 
-@torch.no_grad()
-def load_int8(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-              device: torch.device | str | None = None) -> tuple[Any, Any]:
-    """Load an int8 directory as `(model, tokenizer)` with packed int8 linear layers.
+def open_int8(path: str | os.PathLike):
+    """A `loader.WeightSource` for an int8 directory: linear layers become packed `QuantLinear("int8")`
+    modules, the embedding is dequantized (a lookup table), norms and biases stay float.
 
-    `dtype` is the dtype of the float parts (embedding, norms; default float32); the
-    linear layers compute in the dtype of their input.
+    The dtype given to the loader is that of the float parts (default float32); the packed
+    layers compute in the dtype of their input.
     """
     from safetensors import SafetensorError, safe_open
 
-    from ..checkpoint import TOKENIZER_NAME, WEIGHTS_NAME, read_hf_config
+    from ..checkpoint import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, read_hf_config
     from ..config import ModelConfig
-    from ..model import build_model
-    from ..precision import parse_dtype
+    from ..fileio import check_regular_file
+    from ..loader import WeightSource
 
     path = Path(path)
-    dtype = parse_dtype(dtype) or torch.float32
-    dev = torch.device(device) if device is not None else torch.device("cpu")
     hf = read_hf_config(path)
     if not is_int8_dir(path):
         raise LmsmithError(f"{path}: config.json has no lmsmith int8 quantization_config; use lmsmith.load")
-    cfg = ModelConfig.from_hf(hf, source=str(path / "config.json"))
-    model = build_model(cfg, init=False)
-    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
+    cfg = ModelConfig.from_hf(hf, source=str(path / CONFIG_NAME))
     file = path / WEIGHTS_NAME
-    state: dict[str, torch.Tensor] = {}
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    check_regular_file(file, "int8 weight file")
+    shapes, kinds = {}, {}
     try:
         with safe_open(file, framework="pt") as st:
             keys = set(st.keys())
-            for name, shape in expected.items():
-                if name not in keys:
-                    raise LmsmithError(f"{file}: missing tensor {name!r}; the int8 checkpoint is incomplete")
-                t = st.get_tensor(name)
-                if tuple(t.shape) != shape:
-                    raise LmsmithError(f"{file}: tensor {name!r} has shape {list(t.shape)}, config implies "
-                                       f"{list(shape)}")
-                if t.dtype == torch.int8:
-                    if name + SCALE_SUFFIX not in keys:
-                        raise LmsmithError(f"{file}: int8 tensor {name!r} has no {name + SCALE_SUFFIX!r}")
-                    scale = st.get_tensor(name + SCALE_SUFFIX).float()
-                    module = name.removesuffix(".weight")
-                    if module in linears:
-                        bias_name = module + ".bias"
-                        bias = st.get_tensor(bias_name).to(dev) if bias_name in keys else None
-                        out, inp = shape
-                        model.set_submodule(module, QuantLinear(inp, out, "int8", t.to(dev), scale.to(dev), bias))
-                        continue
-                    t = t.float() * scale[:, None]  # the embedding: a lookup table, kept in float
-                if name.endswith(".bias") and name.removesuffix(".bias") in linears and \
-                        name.removesuffix(".bias") + ".weight" in keys and \
-                        st.get_slice(name.removesuffix(".bias") + ".weight").get_dtype() == "I8":
-                    continue  # taken by its QuantLinear above
-                state[name] = t.to(device=dev, dtype=dtype)
+            for name in keys:
+                if name.endswith(SCALE_SUFFIX):
+                    continue
+                sl = st.get_slice(name)
+                shapes[name], kinds[name] = tuple(sl.get_shape()), sl.get_dtype()
+                if kinds[name] == "I8":
+                    scale = name + SCALE_SUFFIX
+                    if scale not in keys or tuple(st.get_slice(scale).get_shape()) != shapes[name][:1]:
+                        raise LmsmithError(f"{file}: int8 tensor {name!r} has no {scale!r} of one value per row")
+                elif kinds[name] not in ("F32", "F16", "BF16"):
+                    raise LmsmithError(f"{file}: tensor {name!r} has dtype {kinds[name]}; an int8 checkpoint "
+                                       "holds I8 weights and float norms, biases and scales")
     except SafetensorError as e:
         raise LmsmithError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_buffers()
-    model.eval()
-    tokenizer = None
-    if (path / TOKENIZER_NAME).is_file():
+    packed_weights = [n for n, k in kinds.items() if k == "I8" and n != "model.embed_tokens.weight"]
+    packed_biases = {n.removesuffix(".weight") + ".bias" for n in packed_weights}
+
+    def tensor(st, name: str) -> torch.Tensor:
+        t = st.get_tensor(name)
+        if kinds[name] == "I8":
+            t = t.float() * st.get_tensor(name + SCALE_SUFFIX).float()[:, None]
+        return t
+
+    def packed(device: torch.device) -> dict[str, torch.nn.Module]:
+        modules = {}
+        with safe_open(file, framework="pt") as st:
+            for name in packed_weights:
+                module, bias = name.removesuffix(".weight"), name.removesuffix(".weight") + ".bias"
+                out, inp = shapes[name]
+                modules[module] = QuantLinear(inp, out, "int8", st.get_tensor(name).to(device),
+                                              st.get_tensor(name + SCALE_SUFFIX).float().to(device),
+                                              st.get_tensor(bias).to(device) if bias in kinds else None)
+        return modules
+
+    def read(dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+        with safe_open(file, framework="pt") as st:
+            return {n: tensor(st, n).to(device=device, dtype=dtype or torch.float32) for n in shapes
+                    if n not in packed_weights and n not in packed_biases}
+
+    def tokenizer():
+        if not (path / TOKENIZER_NAME).is_file():
+            return None
         from ..tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(path)
-    return model, tokenizer
+        return Tokenizer.load(path)
+
+    return WeightSource(path=file, where=CONFIG_NAME, config=cfg, shapes=shapes, read=read, packed=packed,
+                        tokenizer=tokenizer)

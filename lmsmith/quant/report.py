@@ -54,8 +54,9 @@ def measure_scheme(model, tokenizer, scheme: str, texts: list[str], workdir: str
     Returns `(size_bytes, bits_per_weight, perplexity, seconds_to_write)`.
     """
     from ..eval.perplexity import perplexity
-    from .gguf import export_gguf, load_gguf
-    from .int8 import load_int8, save_int8
+    from ..loader import load
+    from .gguf import export_gguf
+    from .int8 import save_int8
 
     workdir = Path(workdir)
     t0 = time.perf_counter()
@@ -63,13 +64,13 @@ def measure_scheme(model, tokenizer, scheme: str, texts: list[str], workdir: str
         out = save_int8(model, tokenizer, workdir / "int8")
         seconds = time.perf_counter() - t0
         size = _dir_bytes(out)
-        qmodel, _ = load_int8(out)
+        qmodel, _ = load(out)
         bpw = 8.0 * size / model.num_params()
     else:
         summary = export_gguf(model, tokenizer, workdir / f"{scheme}.gguf", scheme, progress=False)
         seconds = time.perf_counter() - t0
         size, bpw = summary.file_bytes, summary.bits_per_weight
-        qmodel, _ = load_gguf(summary.path)
+        qmodel, _ = load(summary.path)
     ppl = perplexity(qmodel, tokenizer, texts, seq_len=seq_len, stride=stride).perplexity
     del qmodel
     if scheme != "int8":

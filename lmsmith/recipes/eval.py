@@ -38,11 +38,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import load
     from ..data.sources import Source, iter_documents
     from ..decoding.layout import use_decode_layout
     from ..errors import LmsmithError
     from ..eval import perplexity
+    from ..loader import load
 
     model, tokenizer = load(args.model)
     if tokenizer is None:

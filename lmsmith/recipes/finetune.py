@@ -177,10 +177,10 @@ def resolve_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load
     from ..data.instruct import InstructBatches, encode_preference, encode_sft, pack, pad_id_of, read_examples
     from ..data.synth import heldout_warning
     from ..errors import LmsmithError
+    from ..loader import load
     from ..train import TrainConfig, train
     from ..train.dpo import dpo_objective, sft_objective
 

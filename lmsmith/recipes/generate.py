@@ -71,8 +71,8 @@ def config_from_args(args, **changes):
 
 def load_for_generation(args):
     """(model, tokenizer) from args.model on args.device; a clear error when the tokenizer is missing."""
-    from ..checkpoint import load
     from ..errors import LmsmithError
+    from ..loader import load
     from ..precision import default_device
 
     model, tokenizer = load(args.model, device=args.device or default_device())

@@ -24,8 +24,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..adapters import adapter_type, load_lora, merge_lora
-    from ..checkpoint import load, save
+    from ..checkpoint import save
     from ..errors import LmsmithError
+    from ..loader import load
 
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise LmsmithError(f"--out {args.out} is the base model directory; write the merged model elsewhere")

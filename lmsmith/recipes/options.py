@@ -120,8 +120,9 @@ def resolve(args: argparse.Namespace, defaults: dict, skip: set[str],
 
     With --resume, the options the run saved in OUT/config.yaml come between the defaults and the YAML
     file, so `--out OUT --resume` alone continues with the same data, model and hyperparameters.
-    `conflicts` names saved options that yield to one given now (e.g. a new --max-steps drops the saved
-    --tokens, which would otherwise decide the run's length).
+    `conflicts` names options that yield to one given now, whether they come from the defaults or the saved
+    run (e.g. a new --max-steps drops the saved --tokens and the default --time, which would otherwise decide
+    the run's length), unless they are given now too.
     """
     opts = dict(defaults)
     for f, _ in train_fields(skip):
@@ -130,10 +131,11 @@ def resolve(args: argparse.Namespace, defaults: dict, skip: set[str],
     out = explicit.get("out", opts.get("out"))
     if explicit.get("resume") and out and (Path(out) / CONFIG_FILE).is_file():
         saved = _read_yaml(Path(out) / CONFIG_FILE)
-        for given in explicit:
-            for k in (conflicts or {}).get(given, ()):
-                saved.pop(k, None)
         opts.update({k: v for k, v in saved.items() if k in opts and k not in _NOT_RESTORED})
+    for given in explicit:
+        for k in (conflicts or {}).get(given, ()):
+            if k not in explicit:
+                opts[k] = None
     opts.update(explicit)
     return opts
 

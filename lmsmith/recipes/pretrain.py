@@ -17,6 +17,8 @@ import time
 import typing
 from pathlib import Path
 
+from ..precision import describe_policy
+from ..train.budget import format_duration
 from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, save_options, train_fields
 
 HELP = "pretrain a model on raw text (default: the built-in Python corpus, ~10 min on 2 CPU cores)"
@@ -53,6 +55,9 @@ DEFAULTS: dict[str, typing.Any] = {
     "seq_len": 256,
     "max_steps": 2000,
     "tokens": None,
+    # The default job stops at 2,000 steps or 10 minutes, whichever comes first: a CPU without bf16
+    # trains ~5x slower. An explicit --max-steps or --tokens drops the time limit, an explicit --time the step cap.
+    "time": "10m",
     "resume": False,
     "overwrite": False,
     "sample_prompt": "def ",
@@ -66,7 +71,9 @@ DEFAULTS: dict[str, typing.Any] = {
     "model": None,
 }
 # TrainConfig fields not offered as flags (set through other options or not meaningful here).
-_SKIP_TRAIN_FIELDS = {"max_steps", "betas", "sample_prompt"}
+_SKIP_TRAIN_FIELDS = {"max_steps", "betas", "sample_prompt", "time_budget"}
+# The three ways to size a run; one given now clears the others' defaults and saved values.
+BUDGET_CONFLICTS = {"max_steps": ("tokens", "time"), "tokens": ("max_steps", "time"), "time": ("max_steps", "tokens")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget and batch")
     g.add_argument("--max-steps", type=int, help=f"optimizer steps (default: {DEFAULTS['max_steps']})")
     g.add_argument("--tokens", type=float, help="token budget instead of --max-steps (e.g. 2e7)")
+    g.add_argument("--time", metavar="DURATION",
+                   help="wall-time budget of the whole command, e.g. 90s, 10m, 1h30m: after a few steps the "
+                        "run measures its speed and sets its step count and LR schedule to end on time "
+                        f"(default: {DEFAULTS['time']} or {DEFAULTS['max_steps']:,} steps, whichever comes first)")
     g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default: {DEFAULTS['batch_size']})")
     g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {DEFAULTS['seq_len']})")
     g.add_argument("--sample-prompt", help=f"prompt of the samples (default: {DEFAULTS['sample_prompt']!r})")
@@ -93,9 +104,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_options(args: argparse.Namespace) -> dict:
     """defaults < YAML file < flags (see recipes/options.py)."""
-    opts = resolve(args, DEFAULTS, _SKIP_TRAIN_FIELDS, conflicts={"max_steps": ("tokens",)})
+    from ..errors import LmsmithError
+    from ..train.budget import parse_duration
+
+    opts = resolve(args, DEFAULTS, _SKIP_TRAIN_FIELDS, conflicts=BUDGET_CONFLICTS)
     if isinstance(opts["source"], str):
         opts["source"] = [opts["source"]]
+    if opts["time"] is not None:
+        opts["time"] = parse_duration(opts["time"])
+    if opts["tokens"] is not None and not (math.isfinite(float(opts["tokens"])) and float(opts["tokens"]) >= 1):
+        raise LmsmithError(f"--tokens {opts['tokens']}: must be a positive number of tokens, e.g. 2e7")
+    for key in ("batch_size", "seq_len"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise LmsmithError(f"--{key.replace('_', '-')} {opts[key]!r}: must be a positive integer")
+    if opts["max_steps"] is None and opts["tokens"] is None and opts["time"] is None:
+        raise LmsmithError("give the run a length: --max-steps N, --tokens N or --time DURATION")
     return opts
 
 
@@ -116,6 +139,15 @@ def run(args: argparse.Namespace) -> int:
                        inputs={"--init-from": opts["init_from"], "--tokenizer": opts["tokenizer"],
                                "--data": opts["data"], **{f"--source {s.name}": s.path for s in sources or ()}})
 
+    # The resolved options are recorded before any artifact: a run killed while it prepares its data
+    # resumes as the same job.
+    tokens_per_step = opts["batch_size"] * opts["seq_len"] * opts["grad_accum"]
+    max_steps = _max_steps(opts, tokens_per_step)
+    absolute_sources = [f"{s.name}={os.path.abspath(s.path)}:{s.weight!r}" for s in sources or ()]
+    save_options(out, {**opts, "max_steps": opts["max_steps"] if opts["time"] else max_steps,
+                       "source": absolute_sources or opts["source"]},
+                 path_keys=("data", "tokenizer", "init_from"))
+
     # ---- tokenizer and data --------------------------------------------------------------------
     tokenizer = _tokenizer(opts, out, corpus)
     if opts["data"]:
@@ -128,17 +160,16 @@ def run(args: argparse.Namespace) -> int:
     model, cfg_desc = _model(opts, tokenizer, preset)
 
     # ---- budget and loop ---------------------------------------------------------------------------
-    tokens_per_step = opts["batch_size"] * opts["seq_len"] * opts["grad_accum"]
-    max_steps = int(opts["max_steps"])
-    if opts["tokens"]:
-        max_steps = max(1, math.ceil(float(opts["tokens"]) / tokens_per_step))
-    warmup = min(int(opts["warmup_steps"]), max(0, max_steps // 10))
+    # A time budget keeps the usual warmup: the step count is only fitted after it has begun.
+    warmup = min(int(opts["warmup_steps"]), max(0, (max_steps if not opts["time"] else 10**9) // 10),
+                 max_steps - 1)
     train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
-    train_opts.update(max_steps=max_steps, warmup_steps=warmup, sample_prompt=opts["sample_prompt"])
+    budget = None
+    if opts["time"]:  # the loop gets what the tokenizer and shards left of the command's budget
+        budget = max(1.0, opts["time"] - (time.time() - t_start) - _SUMMARY_SECONDS)
+    train_opts.update(max_steps=max_steps, warmup_steps=warmup, sample_prompt=opts["sample_prompt"],
+                      time_budget=budget)
     config = TrainConfig(**train_opts)
-    absolute_sources = [f"{s.name}={os.path.abspath(s.path)}:{s.weight!r}" for s in sources or ()]
-    save_options(out, {**opts, "max_steps": max_steps, "source": absolute_sources or opts["source"]},
-                 path_keys=("data", "tokenizer", "init_from"))
 
     # The weights asked for now (shards reused from an earlier run may have been made with others).
     weights = None if corpus is None else {s.name: float(s.weight) for s in corpus if s.name in shards.sources}
@@ -150,15 +181,23 @@ def run(args: argparse.Namespace) -> int:
         return sequential_batches(shards, "validation", batch_size=opts["batch_size"], seq_len=opts["seq_len"],
                                   max_batches=config.eval_batches)
 
-    print(f"lmsmith pretrain: {cfg_desc}; {max_steps:,} steps x {tokens_per_step:,} tokens "
-          f"= {max_steps * tokens_per_step:,} tokens; run folder {out}")
+    if budget and max_steps >= _UNCAPPED:
+        length = f"as many steps of {tokens_per_step:,} tokens as fit in {format_duration(opts['time'])}"
+    elif budget:
+        length = (f"{max_steps:,} steps x {tokens_per_step:,} tokens or {format_duration(opts['time'])}, "
+                  "whichever ends first")
+    else:
+        length = f"{max_steps:,} steps x {tokens_per_step:,} tokens = {max_steps * tokens_per_step:,} tokens"
+    print(f"lmsmith pretrain: {cfg_desc}; {length}; {describe_policy(config.dtype)}; run folder {out}")
     result = train(model, batches, causal_lm_objective, config, out_dir=out, tokenizer=tokenizer,
                    eval_batches=eval_batches if has_val else None, resume=bool(opts["resume"]))
 
     # ---- summary ------------------------------------------------------------------------------------
     sample = sample_text(model, tokenizer, opts["sample_prompt"], max_new_tokens=64, temperature=0.8, seed=0)
     baseline = _unigram_baseline(shards) if has_val else None
-    lines = [f"Trained {cfg_desc} for {result.steps:,} steps ({result.tokens:,} tokens) in "
+    resumed = f", {result.steps_run:,} of them in this session" if result.steps_run != result.steps else ""
+    fitted = (f" (the {format_duration(opts['time'])} budget's step count)" if result.time_budget else "")
+    lines = [f"Trained {cfg_desc} for {result.steps:,} steps{fitted} ({result.tokens:,} tokens{resumed}) in "
              f"{(time.time() - t_start) / 60:.1f} min, {result.tokens_per_s:,.0f} tokens/s while training."]
     if result.val_loss is not None:
         lines.append(f"Validation loss {result.val_loss:.3f}, perplexity {result.val_ppl:.2f}"
@@ -172,6 +211,20 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + " ".join(lines))
     print(f"\nSample (temperature 0.8):\n{sample}")
     return 130 if result.interrupted else 0
+
+
+# Seconds kept from a --time budget for what follows the loop (a sample, the unigram baseline).
+_SUMMARY_SECONDS = 5.0
+_UNCAPPED = 10**9  # max_steps of a run whose length only its time budget sets
+
+
+def _max_steps(opts: dict, tokens_per_step: int) -> int:
+    """The run's step count, or with --time its cap (unlimited without --max-steps)."""
+    if opts["tokens"]:
+        return max(1, math.ceil(float(opts["tokens"]) / tokens_per_step))
+    if opts["max_steps"] is not None:
+        return int(opts["max_steps"])
+    return _UNCAPPED
 
 
 def _check_inputs(opts: dict) -> None:
@@ -217,7 +270,10 @@ def _tokenizer(opts: dict, out: Path, corpus):
 
     print(f"training a {vocab}-token BPE tokenizer on {', '.join(s.name for s in corpus)} ...")
     tok = Tokenizer.train(texts(), vocab_size=vocab)
-    tok.save(saved)
+    from ..fileio import atomic_dir
+
+    with atomic_dir(saved) as tmp:  # a kill mid-save leaves no half tokenizer for the resume to load
+        tok.save(tmp)
     return tok
 
 
@@ -249,8 +305,8 @@ def _shards(folder: Path, tokenizer, corpus, prepare, TokenShards, resume: bool)
 
 
 def _model(opts: dict, tokenizer, preset):
-    from ..checkpoint import load
     from ..errors import LmsmithError
+    from ..loader import load
     from ..model import build_model
 
     if opts["init_from"]:

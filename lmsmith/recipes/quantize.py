@@ -66,7 +66,7 @@ def run(args) -> int:
     if args.report and not args.eval_data:
         raise LmsmithError("--report needs --eval-data FILE (held-out text to measure perplexity on)")
 
-    from ..checkpoint import load
+    from ..loader import load
 
     model, tokenizer = load(args.model)
     if args.scheme and args.out:

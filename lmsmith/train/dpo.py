@@ -43,6 +43,9 @@ def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
     return loss, {}, n
 
 
+sft_objective.perplexity = True  # per-token NLL of the responses
+
+
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over positions with labels != -100 of log p(labels[b, t] | input_ids[b, :t+1]).
 

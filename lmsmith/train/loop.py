@@ -17,13 +17,12 @@ Run folder layout (`out_dir`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import random
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ import torch
 from ..errors import LmsmithError
 from ..precision import POLICIES, autocast, autocast_dtype
 from . import state as st
+from .budget import fit_steps, format_duration
+from .interrupt import StopFlag
 from .metrics import MetricsLog, format_postfix, measure_matmul_peak, plot_loss_curve, progress_bar
 from .optim import SCHEDULES, build_optimizer, lr_at, param_groups
 
@@ -47,14 +48,15 @@ class TrainConfig:
         lr: peak learning rate.
         min_lr_ratio: final LR as a fraction of `lr` (cosine / wsd end point).
         weight_decay: AdamW decay on weight matrices (not embeddings, norms, biases).
-        betas, eps: AdamW moments and epsilon.
+        betas: AdamW's two moment decay rates.
+        eps: AdamW's epsilon.
         warmup_steps: linear warmup length in optimizer steps.
         schedule: "cosine" | "wsd" (warmup-stable-decay) | "constant".
         decay_fraction: for "wsd", the fraction of max_steps spent decaying.
-        max_steps: optimizer steps in the whole run.
+        max_steps: optimizer steps in the whole run (with time_budget: the most it may take).
         grad_accum: micro-batches per optimizer step.
         clip_grad: max global gradient norm (0 disables clipping; the norm is still logged).
-        dtype: precision policy "auto" | "fp32" | "bf16" (see lmsmith.precision).
+        dtype: precision policy "auto" | "fp32" | "bf16" | "fp16" (see lmsmith.precision).
         compile: torch.compile each block (opt-in; slow first steps).
         activation_checkpointing: recompute each block's activations in backward.
         seed: seeds python, numpy and torch at the start of the run.
@@ -69,6 +71,8 @@ class TrainConfig:
         device: "cpu", "cuda", ... (None: where the model already is).
         peak_flops: matmul peak in FLOP/s for MFU (None: measured by a ~1 s probe).
         progress: show the tqdm progress bar.
+        time_budget: seconds of wall time for the run (None: no limit); after a few steps the loop
+            measures its speed and sets the step count and LR schedule so the run ends on time.
     """
 
     lr: float = 3e-4
@@ -97,12 +101,19 @@ class TrainConfig:
     device: str | None = None
     peak_flops: float | None = None
     progress: bool = True
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> LmsmithError:
             return LmsmithError(f"TrainConfig.{name} = {getattr(self, name)!r}: {why}")
 
         self.betas = tuple(self.betas)
+        for name in ("lr", "min_lr_ratio", "weight_decay", "eps", "decay_fraction", "clip_grad"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if not all(isinstance(b, (int, float)) and math.isfinite(b) for b in self.betas):
+            raise bad("betas", "must be two finite numbers in [0, 1)")
         if not self.lr > 0:
             raise bad("lr", "must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -129,8 +140,10 @@ class TrainConfig:
             raise bad("clip_grad", "must be >= 0 (0 disables clipping)")
         if self.dtype not in POLICIES:
             raise bad("dtype", f"choose one of {', '.join(POLICIES)}")
-        if self.peak_flops is not None and not self.peak_flops > 0:
+        if self.peak_flops is not None and not (self.peak_flops > 0 and math.isfinite(self.peak_flops)):
             raise bad("peak_flops", "must be > 0 FLOP/s, or None to measure it")
+        if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+            raise bad("time_budget", "must be a positive number of seconds, or None for no limit")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based) under this config."""
@@ -148,8 +161,8 @@ class TrainConfig:
 class TrainResult:
     """Summary of a run (also printed at the end)."""
 
-    steps: int
-    tokens: int
+    steps: int  # the run's step count, including steps done before a resume
+    tokens: int  # tokens trained on in the whole run
     final_loss: float | None
     val_loss: float | None
     val_ppl: float | None
@@ -159,14 +172,19 @@ class TrainResult:
     final_dir: Path | None
     interrupted: bool = False
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, this process's steps
+    steps_run: int = 0  # steps and tokens of this process (after a resume: the resumed part)
+    tokens_run: int = 0
+    time_budget: float | None = None  # the budget the step count was fitted to, if any
 
     def summary(self) -> str:
-        parts = [f"{self.steps} steps, {self.tokens:,} tokens in {self.wall_time:.1f}s "
+        resumed = f" ({self.steps_run} in this session)" if self.steps_run != self.steps else ""
+        parts = [f"{self.steps} steps{resumed}, {self.tokens:,} tokens; {self.wall_time:.1f}s here "
                  f"({self.tokens_per_s:,.0f} tok/s)"]
         if self.final_loss is not None:
             parts.append(f"train loss {self.final_loss:.4f}")
         if self.val_loss is not None:
-            parts.append(f"val loss {self.val_loss:.4f} (ppl {self.val_ppl:.2f})")
+            ppl = f" (ppl {self.val_ppl:.2f})" if self.val_ppl is not None else ""
+            parts.append(f"val loss {self.val_loss:.4f}{ppl}")
         where = self.final_dir or self.checkpoint
         if where is not None:
             parts.append(f"model in {where}")
@@ -262,57 +280,48 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _batch_tokens(batch: dict) -> tuple[int, int]:
-    """(tokens processed, sequence length) of a batch, for throughput and MFU."""
-    ids = batch.get("input_ids")
-    if isinstance(ids, torch.Tensor) and ids.ndim == 2:
-        return ids.numel(), ids.shape[1]
-    return 0, 0
-
-
-class _StopFlag:
-    """First Ctrl-C asks the loop to stop at the next step boundary; a second one interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+    """(tokens processed, longest row) of a batch, for throughput and MFU: every 2-D integer tensor whose
+    key names ids (`input_ids`, DPO's `chosen_ids` / `rejected_ids`, ...), so any objective's batch counts."""
+    total, width = 0, 0
+    for key, v in batch.items():
+        if key.endswith("ids") and isinstance(v, torch.Tensor) and v.ndim == 2 and not v.is_floating_point():
+            total += v.numel()
+            width = max(width, v.shape[1])
+    return total, width
 
 
 def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_batches: int,
              policy: str = "auto", device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean loss per item over `n_batches` batches of a fresh eval iterator, and its perplexity."""
+    """Mean loss per item over `n_batches` batches of a fresh eval iterator, with the objective's metrics.
+
+    Returns `val_loss`, `val_<metric>` for each metric the objective reports (averaged over batches),
+    and `val_ppl` = exp(val_loss) only for objectives whose loss is a per-token negative log-likelihood
+    (those marked `objective.perplexity = True`): exp of a DPO loss is no perplexity.
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, sums, batches = 0.0, 0, {}, 0
     try:
         with torch.no_grad(), autocast(policy, device):
             for i, batch in enumerate(eval_batches()):
                 if i >= n_batches:
                     break
-                loss_sum, _, n = objective(model, _to_device(batch, device))
+                loss_sum, metrics, n = objective(model, _to_device(batch, device))
                 total += float(loss_sum)
                 count += n
+                batches += 1
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
     finally:
         model.train(was_training)
     if count == 0:
         raise LmsmithError("evaluation data produced no target tokens; check the validation split")
     val = total / count
-    return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0))}
+    out = {"val_loss": val, **{f"val_{k}": v / batches for k, v in sums.items()}}
+    if getattr(objective, "perplexity", False):
+        out["val_ppl"] = math.exp(min(val, 700.0))
+    return out
 
 
 def accumulate_gradients(model, micro_batches, objective, *, params=None, policy: str = "fp32",
@@ -342,6 +351,18 @@ def accumulate_gradients(model, micro_batches, objective, *, params=None, policy
     return loss_total / n_total, n_total, metrics_sum
 
 
+@dataclass
+class _Committed:
+    """What a checkpoint of the last completed step holds besides the weights and the optimizer:
+    the data position and RNG *after* that step (the next step starts from them), its token count
+    and the training time spent so far."""
+
+    step: int
+    data: Any
+    rng: tuple[dict, dict]
+    tokens: int
+    elapsed: float
+
 
 def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=None,
           eval_batches: Callable[[], Iterator[dict]] | None = None,
@@ -354,25 +375,29 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         batches: an iterator of dict batches; if it has `state_dict()` / `load_state_dict()`
             its position is saved in checkpoints (otherwise resume skips consumed batches).
         objective: `objective(model, batch) -> (loss_sum, metrics, n)`, see train.objectives.
-        config: a TrainConfig.
+        config: a TrainConfig. With `time_budget`, max_steps is the most steps the run may take:
+            after a few steps the loop measures its speed and sets the step count (and so the LR
+            schedule) to end on time.
         out_dir: the run folder (created).
         tokenizer: saved into checkpoints and used by the built-in sampler.
         eval_batches: a callable returning a fresh eval iterator each time.
         sample_fn: `sample_fn(model) -> str`, called every `sample_every` steps.
-        resume: continue from the latest complete checkpoint in `out_dir` (a fresh start if none).
+        resume: continue from the newest readable checkpoint in `out_dir` (a fresh start if none).
         trainable_params: train only these (LoRA, prompt tuning); default all with requires_grad.
 
     Returns:
-        A TrainResult. Ctrl-C writes a checkpoint and returns with `interrupted=True`.
+        A TrainResult. Ctrl-C or SIGTERM writes a checkpoint of the last completed step and returns
+        with `interrupted=True`; `--resume` from it reproduces the uninterrupted run exactly.
 
     Raises:
         LmsmithError: on a non-finite loss or gradient (the last good checkpoint is kept).
     """
-    cfg = config
+    cfg = dataclasses.replace(config)  # a time budget's fitted step count goes into this copy
+    clock = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
-    st.clean_temporaries(ckpt_root)
+    st.clean_temporaries(out_dir)
     device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
     model.to(device)
     model.train()
@@ -387,23 +412,20 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     if len(trained_ids) < len({id(p) for p in model.parameters()}):
         trainable = {n: p for n, p in model.named_parameters() if id(p) in trained_ids}
 
-    start_step, rows, resumed_from, tokens_before = 0, [], None, 0
+    start_step, rows, resumed_from, tokens_before, elapsed_before = 0, [], None, 0, 0.0
+    fitted = False
     if resume:
-        latest = st.latest_checkpoint(ckpt_root)
-        if latest is not None:
-            state, opt_tensors, rng_tensors = st.load_train_state(latest)
-            st.load_model_weights(model, latest)
-            st.optimizer_from_files(optimizer, {k: v.to(device) for k, v in opt_tensors.items()},
-                                    state["optimizer"])
-            start_step, rows, resumed_from = state["step"], state["metrics"], latest
-            tokens_before = state.get("tokens", 0)
-            if hasattr(batches, "load_state_dict") and state.get("data_state") is not None:
-                batches.load_state_dict(state["data_state"])
-            else:
-                # No iterator state: replay the consumed batches so the data lines up.
-                for _ in range(start_step * cfg.grad_accum):
-                    next(batches)
-            st.set_rng_state(rng_tensors, state["rng"])
+        restored = st.restore_latest(ckpt_root, model, optimizer, batches, device, cfg.grad_accum)
+        if restored is not None:
+            resumed_from, state = restored
+            start_step, rows = state["step"], state["metrics"]
+            tokens_before, elapsed_before = state.get("tokens", 0), state.get("elapsed", 0.0)
+            saved = state.get("config") or {}
+            if cfg.time_budget and saved.get("time_budget") == cfg.time_budget and state.get("fitted"):
+                # The budget's step count was fitted before the interruption: keep its schedule.
+                cfg.max_steps, cfg.warmup_steps, fitted = saved["max_steps"], saved["warmup_steps"], True
+    if cfg.time_budget and not fitted and start_step >= cfg.max_steps:
+        fitted = True
     # Transforms after loading so the weights land in plain modules.
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -421,11 +443,13 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     def data_state():
         return batches.state_dict() if hasattr(batches, "state_dict") else None
 
-    def checkpoint(step: int, data, rng) -> Path:
-        path = st.save_checkpoint(ckpt_root, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                  config=cfg.to_dict(), data_state=data, rng=rng, metrics=log.rows,
-                                  extra={"tokens": tokens_before + tokens_run}, trainable=trainable)
-        st.prune_checkpoints(ckpt_root, cfg.keep_last)
+    def checkpoint(c: _Committed) -> Path:
+        with stop.critical():
+            path = st.save_checkpoint(ckpt_root, c.step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                      config=cfg.to_dict(), data_state=c.data, rng=c.rng, metrics=log.rows,
+                                      extra={"tokens": c.tokens, "elapsed": c.elapsed, "fitted": fitted},
+                                      trainable=trainable)
+            st.prune_checkpoints(ckpt_root, cfg.keep_last)
         return path
 
     def run_eval(step: int) -> dict | None:
@@ -434,9 +458,11 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         with torch.random.fork_rng(devices=[]):
             ev = evaluate(model, eval_batches, objective, n_batches=cfg.eval_batches, policy=cfg.dtype,
                           device=device)
-        log.write({"step": step, **ev})
-        bar.write(f"step {step}: val loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}")
-        return ev
+        row = {"step": step, **ev}
+        log.write(row)
+        ppl = f", ppl {ev['val_ppl']:.2f}" if "val_ppl" in ev else ""
+        bar.write(f"step {step}: val loss {ev['val_loss']:.4f}{ppl}")
+        return row
 
     def run_sample(step: int) -> None:
         fn = sample_fn
@@ -458,22 +484,31 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         bar.write(f"resumed from {resumed_from} at step {start_step}")
     losses: dict[int, float] = {}
     last_ckpt = st.latest_checkpoint(ckpt_root)
-    tokens_run, last_loss, last_eval = 0, None, None
+    # A checkpoint of the resumed step already exists: an interrupt before the next step must not rewrite it.
+    saved_step = start_step if resumed_from is not None else None
+    last_loss = None
+    # The final evaluation of a run killed while writing final/ is already in the resumed rows.
+    last_eval = next((r for r in reversed(rows) if "val_loss" in r and r["step"] == start_step), None)
     t_start = t_log = time.perf_counter()
     tokens_since_log, seq_len = 0, 0
-    step = start_step
+    fit_at = max(3, min(cfg.warmup_steps, 20))  # steps timed before a time budget fixes the step count
+    t_fit0 = None
     interrupted = False
-    in_update = False
+    committed = _Committed(start_step, data_state(), st.get_rng_state(), tokens_before, elapsed_before)
 
-    with _StopFlag() as stop:
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - clock
+
+    with StopFlag() as stop:
         try:
-            while step < cfg.max_steps:
-                # The state a Ctrl-C checkpoint must hold: what this step has not consumed yet.
-                snap_data, snap_rng = data_state(), st.get_rng_state()
+            while committed.step < cfg.max_steps:
+                if stop.requested:
+                    raise KeyboardInterrupt
+                step = committed.step
                 lr = cfg.lr_at(step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                micro = []
+                micro, step_tokens = [], 0
                 for _ in range(cfg.grad_accum):
                     try:
                         micro.append(_to_device(next(batches), device))
@@ -481,8 +516,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                         raise LmsmithError(f"the training data ran out at step {step + 1} of {cfg.max_steps}; "
                                            "use more data, more epochs, or fewer max_steps") from None
                     ntok, seq_len = _batch_tokens(micro[-1])
-                    tokens_since_log += ntok
-                    tokens_run += ntok
+                    step_tokens += ntok
                 loss, n_total, step_metrics = accumulate_gradients(model, micro, objective, params=params,
                                                                    policy=cfg.dtype, device=device)
                 del micro
@@ -493,14 +527,32 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                     raise LmsmithError(
                         f"training diverged at step {step + 1}: loss {loss}, grad norm {grad_norm}{where}. "
                         "Lower the learning rate, raise warmup_steps or enable clip_grad, then resume")
-                in_update = True
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                in_update = False
-                step += 1
+                with stop.critical():  # the update and the state that describes it change together
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    committed = _Committed(step, data_state(), st.get_rng_state(), committed.tokens + step_tokens,
+                                           elapsed())
+                tokens_since_log += step_tokens
                 last_loss = loss
                 losses[step] = loss
                 bar.update(1)
+
+                if cfg.time_budget and not fitted:
+                    if step == start_step + 1:
+                        t_fit0 = time.perf_counter()  # the first step pays one-off costs: time the rest
+                    elif step >= start_step + fit_at or step == cfg.max_steps:
+                        per_step = (time.perf_counter() - t_fit0) / (step - start_step - 1)
+                        # An evaluation batch is a forward pass, about a third of a training micro-batch.
+                        per_eval = cfg.eval_batches * per_step / cfg.grad_accum / 3 if eval_batches else 0.0
+                        cfg.max_steps = fit_steps(cfg.time_budget, elapsed(), step, per_step, cfg.max_steps,
+                                                  eval_every=cfg.eval_every, eval_seconds=per_eval)
+                        cfg.warmup_steps = min(cfg.warmup_steps, max(step, cfg.max_steps // 10))
+                        fitted = True
+                        bar.total = cfg.max_steps
+                        bar.refresh()
+                        bar.write(f"time budget {format_duration(cfg.time_budget)}: {per_step:.3f} s/step, "
+                                  f"so the run takes {cfg.max_steps:,} steps")
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
@@ -515,7 +567,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                             peak = max(measure_matmul_peak(compute_dtype, device, refresh=True), achieved)
                             now = time.perf_counter()  # the probe's second is not training time
                         mfu = achieved / peak
-                    row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_before + tokens_run,
+                    row = {"step": step, "loss": loss, "lr": lr, "tokens": committed.tokens,
                            "tokens_per_s": tok_s, "mfu": mfu, "grad_norm": grad_norm,
                            "elapsed": now - t_start, **step_metrics}
                     log.write(row)
@@ -526,30 +578,34 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     run_sample(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                    last_ckpt = checkpoint(step, data_state(), st.get_rng_state())
-                if stop.requested:
-                    raise KeyboardInterrupt
+                    last_ckpt, saved_step = checkpoint(committed), step
+            if stop.requested:
+                raise KeyboardInterrupt  # the signal came during the last step: save it, finish on resume
         except KeyboardInterrupt:
             interrupted = True
-            if in_update:
-                bar.write("interrupted during the optimizer update; the in-memory state is not saved")
-            else:
-                # Mid-step: parameters are still those after `step`, so save them with the
-                # data/RNG state captured before this step started.
-                optimizer.zero_grad(set_to_none=True)
-                last_ckpt = checkpoint(step, snap_data, snap_rng)
+            optimizer.zero_grad(set_to_none=True)
             bar.close()
-            print(f"\nInterrupted at step {step}. Checkpoint: {last_ckpt}. "
+            # The weights are those of the last completed step; save them with the data and RNG
+            # state after that step, unless a checkpoint of that very step is already on disk.
+            if saved_step != committed.step:
+                # A signal held during the save: the save completed, or the older checkpoint stands.
+                with contextlib.suppress(KeyboardInterrupt):
+                    checkpoint(committed)
+                last_ckpt = st.latest_checkpoint(ckpt_root)
+            why = f"Stopped by {stop.signal_name}" if stop.signal_name else "Interrupted"
+            print(f"\n{why} at step {committed.step}. Checkpoint: {last_ckpt}. "
                   f"Resume with the same command plus --resume (train(..., resume=True)).", file=sys.stderr)
         finally:
             bar.close()
 
+    step = committed.step
     final_dir = None
     if not interrupted:
-        if eval_batches is not None and (not cfg.eval_every or step % cfg.eval_every != 0 or last_eval is None):
+        if eval_batches is not None and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval(step)
-        if step > start_step or st.latest_checkpoint(ckpt_root) is None:
-            last_ckpt = checkpoint(step, data_state(), st.get_rng_state())
+        if step > start_step or last_ckpt is None:
+            committed.elapsed = elapsed()
+            last_ckpt = checkpoint(committed)
         if trainable is None:
             final_dir = out_dir / "final"
             st.save_model(model, tokenizer, final_dir)
@@ -559,12 +615,14 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     wall = time.perf_counter() - t_start
     if last_eval is None:
         last_eval = next((r for r in reversed(log.rows) if "val_loss" in r), None)
+    tokens_run = committed.tokens - tokens_before
     result = TrainResult(
-        steps=step, tokens=tokens_run, final_loss=last_loss,
+        steps=step, tokens=committed.tokens, final_loss=last_loss,
         val_loss=last_eval["val_loss"] if last_eval else None,
-        val_ppl=last_eval["val_ppl"] if last_eval else None,
+        val_ppl=last_eval.get("val_ppl") if last_eval else None,
         wall_time=wall, tokens_per_s=tokens_run / max(wall, 1e-9), checkpoint=last_ckpt,
-        final_dir=final_dir, interrupted=interrupted, losses=losses)
+        final_dir=final_dir, interrupted=interrupted, losses=losses, steps_run=step - start_step,
+        tokens_run=tokens_run, time_budget=cfg.time_budget if fitted else None)
     if not interrupted and cfg.progress:
         print(result.summary(), file=sys.stderr)
     return result

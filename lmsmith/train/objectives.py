@@ -52,6 +52,9 @@ def causal_lm_objective(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
     return loss_sum, {}, n
 
 
+causal_lm_objective.perplexity = True  # its loss is a per-token NLL: exp(loss) is a perplexity
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None) -> torch.Tensor:
     """sum_i CE(h_i @ weight.T, targets_i) without materialising all logits or their softmax twice.

@@ -22,6 +22,7 @@ import json
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, tokenizer, optimizer, 
         save_file(rng_tensors, str(ts / "rng.safetensors"))
         (ts / "state.json").write_text(state_json)
 
-    from ..checkpoint import save, save_atomic_dir
+    from ..checkpoint import save
+    from ..fileio import save_atomic_dir
 
     final = ckpt_root / step_dir_name(step)
     if trainable is not None:
@@ -209,14 +211,35 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def clean_temporaries(ckpt_root: Path) -> None:
-    """Remove half-written folders left by a crash (they never count as checkpoints)."""
-    ckpt_root = Path(ckpt_root)
-    if ckpt_root.is_dir():
-        for p in ckpt_root.iterdir():
-            # checkpoint.save writes into "step-XXXXXXX.tmp-XXXX" and renames it when complete.
-            if re.match(r"^step-\d+\.tmp-", p.name):
+def clean_temporaries(out_dir: Path) -> None:
+    """Remove what a killed run left half-written in its run folder (none of it ever counts as a result).
+
+    Atomic writers put a folder together under a temporary name and rename it when complete:
+    `checkpoints/step-XXXXXXX.tmp-*` (and `.old-*`, the previous copy during the swap), `final.tmp-*`,
+    `adapter.tmp-*`, `merged.tmp-*`, `tokenizer.tmp-*`, and shard preparation's `.data.tmp-PID`
+    (left alone while process PID still runs).
+    """
+    out_dir = Path(out_dir)
+    pattern = re.compile(r"^(step-\d+|final|adapter|merged|tokenizer)\.(tmp|old)-")
+    for folder in (out_dir, out_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = re.match(r"^\.\w+\.tmp-(\d+)$", p.name)
+            if (pattern.match(p.name) or (m and not _pid_alive(int(m.group(1))))) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()  # our own leftovers (an earlier call in this process) are dead too
 
 
 def load_model_weights(model, path: Path) -> None:
@@ -252,8 +275,54 @@ def load_model_weights(model, path: Path) -> None:
         model.tie_weights()
 
 
+def restore_latest(ckpt_root: Path, model, optimizer, batches, device, grad_accum: int
+                   ) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint that reads back completely into model, optimizer, data iterator and RNGs.
+
+    A damaged checkpoint (state.json, optimizer, RNG or weight file unreadable: a disk error, a copy
+    cut short) is reported and skipped for the next older one. Returns (path, state.json dict), or
+    None when there is no checkpoint at all.
+
+    Raises:
+        LmsmithError: when checkpoints exist but none is readable, or one does not fit the model.
+    """
+    from safetensors import SafetensorError
+
+    found = list_checkpoints(ckpt_root)
+    for i, (_, path) in enumerate(reversed(found)):
+        try:
+            state, opt_tensors, rng_tensors = load_train_state(path)
+            load_model_weights(model, path)
+            optimizer_from_files(optimizer, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
+        except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError, RuntimeError,
+                _Unreadable) as e:
+            older = found[-2 - i][1] if i + 1 < len(found) else None
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if older is None:
+                raise LmsmithError(f"{path}: checkpoint unreadable ({why}) and no older one to fall back to; "
+                                   "start afresh with --overwrite") from None
+            print(f"warning: {path} is unreadable ({why}); resuming from the older {older.name}", file=sys.stderr)
+            continue
+        if hasattr(batches, "load_state_dict") and state.get("data_state") is not None:
+            batches.load_state_dict(state["data_state"])
+        else:
+            # No iterator state: replay the consumed batches so the data lines up.
+            for _ in range(state["step"] * grad_accum):
+                next(batches)
+        set_rng_state(rng_tensors, state["rng"])
+        return path, state
+    return None
+
+
+class _Unreadable(Exception):
+    """A checkpoint file that parses but does not hold what a checkpoint must."""
+
+
 def load_train_state(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(state.json dict, optimizer tensors, rng tensors) of a checkpoint folder."""
     ts = Path(path) / "train_state"
-    state = json.loads((ts / "state.json").read_text())
+    state = json.loads((ts / "state.json").read_text(encoding="utf-8"))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
+            not isinstance(state.get("metrics"), list) or "optimizer" not in state or "rng" not in state:
+        raise _Unreadable(f"{ts / 'state.json'} lacks step, metrics, optimizer or rng")
     return state, load_file(str(ts / "optimizer.safetensors")), load_file(str(ts / "rng.safetensors"))

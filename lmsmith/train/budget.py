@@ -1,0 +1,60 @@
+"""Time budgets: `--time 10m` parsed, printed, and turned into a step count.
+
+A run with a time budget measures its own speed over its first steps and then fixes
+`max_steps` (and with it the LR schedule, which decays to its minimum at the last step),
+so the run ends on time on a fast machine and a slow one alike.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from ..errors import LmsmithError
+
+_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float | int, what: str = "--time") -> float:
+    """'90s', '10m', '1.5h', '1h30m', 600 -> seconds (a bare number is seconds)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", str(text).strip().lower())
+        joined = "".join(f"{n}{u}" for n, u in parts)
+        if not parts or joined != re.sub(r"\s+", "", str(text).strip().lower()) or \
+                any(u not in _UNITS for _, u in parts):
+            raise LmsmithError(f"{what} {text!r} is not a duration; use e.g. 90s, 10m, 1.5h or 1h30m")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise LmsmithError(f"{what} {text!r}: the duration must be positive")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """600 -> '10m', 90 -> '1m30s', 5400 -> '1h30m'."""
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    out = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{sec}s" if sec or not (h or m) else "")
+    return out
+
+
+def fit_steps(budget: float, elapsed: float, step: int, sec_per_step: float, cap: int, *,
+              eval_every: int = 0, eval_seconds: float = 0.0, reserve: float = 0.02) -> int:
+    """The step count that ends a run of `budget` seconds on time.
+
+    Args:
+        budget: seconds for the whole run; `elapsed` of them are spent after `step` steps.
+        sec_per_step: measured seconds per optimizer step.
+        cap: the most steps the run may take (its max_steps).
+        eval_every, eval_seconds: evaluations still to come (every `eval_every` steps, and a
+            final one when `eval_seconds` > 0) and the estimated cost of one.
+        reserve: the fraction of the budget kept for the checkpoints and final save.
+
+    Returns:
+        At least `step + 1`, at most `cap`.
+    """
+    left = budget * (1 - reserve) - elapsed - eval_seconds
+    per_step = sec_per_step + (eval_seconds / eval_every if eval_every else 0.0)
+    return max(step + 1, min(cap, step + int(max(0.0, left) / max(per_step, 1e-9))))
