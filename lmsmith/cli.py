@@ -2,15 +2,20 @@
 
 Each recipe module defines `HELP` (one line), `add_arguments(parser)` and
 `run(args) -> int | None`. Recipes are imported only when their verb runs, so
-`lmsmith --help` stays fast. User errors (`LmsmithError`, missing files, bad
-values) print one line and exit 1, never a traceback.
+`lmsmith --help` stays fast. A mistyped command line (unknown verb or option, a
+missing or malformed argument) prints one line and exits 2, as argparse does; bad
+input (`LmsmithError`: missing files, bad values or contents) prints one line and
+exits 1; an interrupt (Ctrl-C, SIGTERM) exits 130. Never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import signal
 import sys
+import threading
 
 # verb -> (module under lmsmith.recipes, one-line help). Order is the order in --help.
 VERBS: dict[str, tuple[str, str]] = {
@@ -32,6 +37,19 @@ VERBS: dict[str, tuple[str, str]] = {
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, as argparse does, but without the usage dump
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # A mistyped flag is named first (argparse would report a missing required option instead).
+        known = _option_strings(self)
+        for arg in args or []:
+            if arg == "--":
+                break
+            flag = arg.split("=", 1)[0]
+            if flag.startswith("--") and not any(k == flag or (k.startswith(flag) and len(flag) > 2)
+                                                 for k in known):
+                close = difflib.get_close_matches(flag, known, n=1)
+                self.error(f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else ""))
+        return super().parse_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,13 +82,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
     verb = argv[0]
     if verb not in VERBS:
-        parser.error(f"unknown verb {verb!r}; choose one of: {', '.join(VERBS)}")
-    module = importlib.import_module(f"lmsmith.recipes.{VERBS[verb][0]}")
+        close = difflib.get_close_matches(verb, VERBS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        parser.error(f"unknown verb {verb!r}; {hint}choose one of: {', '.join(VERBS)}")
+    # SIGTERM (a scheduler, `docker stop`) ends a verb as Ctrl-C does: cleanly, one line, no traceback.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:  # importing a recipe imports torch: a Ctrl-C there is an interrupt too, not a traceback
+        module = importlib.import_module(f"lmsmith.recipes.{VERBS[verb][0]}")
+    except KeyboardInterrupt:
+        print("lmsmith: interrupted", file=sys.stderr)
+        return 130
     vp = _Parser(prog=f"lmsmith {verb}", description=getattr(module, "DESCRIPTION", VERBS[verb][1]),
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(vp)
     args = vp.parse_args(argv[1:])
     return run_guarded(module.run, args)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option of a parser and of its sub-commands (`data synth --task`)."""
+    out = []
+    for action in parser._actions:
+        out += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _option_strings(sub)
+    return out
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_guarded(fn, args) -> int:

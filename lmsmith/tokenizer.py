@@ -404,6 +404,10 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise LmsmithError(f"chat template rejected the messages: {e}") from None
+        except (OverflowError, MemoryError, RecursionError, TypeError, ValueError, KeyError, IndexError) as e:
+            # A template is code from the model's files: one that loops for ever or fails is the file's fault.
+            raise LmsmithError(f"the chat template failed ({type(e).__name__}: {str(e)[:120]}); fix "
+                               "chat_template in tokenizer_config.json") from None
 
     def template_token_ids(self) -> list[int]:
         """Ids of the special tokens the chat template writes (e.g. <|im_start|>, <|im_end|>), with eos_ids.

@@ -134,20 +134,31 @@ def normalize(record: dict, fmt: str) -> dict:
 
 
 def _records(path: Path) -> Iterator[tuple[int, object, str | None]]:
-    """(line number, parsed JSON or None, error) for each record of a JSONL file or JSON array."""
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    """(line number, parsed JSON or None, error) for each record of a JSONL file or JSON array.
+
+    A line that is not UTF-8 text is an error of that line (so --skip-bad can skip it)."""
+    from ..fileio import check_regular_file
+
+    check_regular_file(path, "data file")
+    raw = path.read_bytes()
+    if raw.lstrip().startswith(b"["):
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield raw.count(b"\n", 0, e.start) + 1, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x})"
+            return
         except json.JSONDecodeError as e:
             yield e.lineno, None, f"not valid JSON ({e.msg})"
             return
         for i, rec in enumerate(data, 1):
             yield i, rec, None  # an array has no lines per record: number the records
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, chunk in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield lineno, None, f"not UTF-8 text (byte 0x{chunk[e.start]:02x} at column {e.start + 1})"
+            continue
         if not line.strip():
             continue
         try:

@@ -75,8 +75,12 @@ DEFAULTS: dict[str, typing.Any] = {
     "batch_size": 8,
     "epochs": 3.0,
     "max_steps": None,
+    "time": None,
+    "eval_data": None,
+    "val_fraction": 0.05,
     "resume": False,
     "overwrite": False,
+    "eval_every": 0,
     "adapter": None,
     "merge": False,
     "lora_r": 8,
@@ -98,8 +102,10 @@ DEFAULTS: dict[str, typing.Any] = {
     "log_every": 10,
 }
 # TrainConfig fields not offered as flags (set through other options or not meaningful here).
-_SKIP_TRAIN_FIELDS = {"max_steps", "betas", "sample_prompt", "sample_every", "sample_tokens", "eval_every",
+_SKIP_TRAIN_FIELDS = {"max_steps", "betas", "sample_prompt", "sample_every", "sample_tokens", "time_budget",
                       "eval_batches"}
+# Validation examples held out of --data when no --eval-data is given: at most this many.
+_MAX_HELD_OUT = 200
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,6 +123,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help=f"rows per micro-batch (default: {DEFAULTS['batch_size']})")
     g.add_argument("--epochs", type=float, help=f"passes over the data (default: {DEFAULTS['epochs']:g})")
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--time", metavar="DURATION", help="wall-time budget of the training, e.g. 90s, 10m, 1h: after a "
+                                                      "few steps the run measures its speed and ends on time "
+                                                      "(--epochs / --max-steps then cap it)")
+    g.add_argument("--eval-data", metavar="FILE", help="validation examples (same formats as --data): validation "
+                                                       "loss during and after training")
+    g.add_argument("--val-fraction", type=float, help="without --eval-data: hold out this fraction of --data "
+                                                      f"(at most {_MAX_HELD_OUT} examples; 0 disables; default "
+                                                      f"{DEFAULTS['val_fraction']})")
     g = p.add_argument_group("method")
     g.add_argument("--method", help="full | lora | prompt | prefix (default: full)")
     g.add_argument("--objective", help="sft | dpo (default: sft)")
@@ -173,6 +187,17 @@ def resolve_options(args: argparse.Namespace) -> dict:
             opts["virtual_tokens"] = int(read_adapter_config(opts["adapter"]).get("num_virtual_tokens") or 0)
     if opts["lr"] is None:
         opts["lr"] = DEFAULT_LR[(opts["method"], opts["objective"])]
+    if not (math.isfinite(float(opts["epochs"])) and float(opts["epochs"]) > 0):
+        raise LmsmithError(f"--epochs {opts['epochs']}: must be a positive number of passes over the data")
+    if not 0 <= float(opts["val_fraction"]) < 0.5:
+        raise LmsmithError(f"--val-fraction {opts['val_fraction']}: must be in [0, 0.5)")
+    for key in ("batch_size", "seq_len"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise LmsmithError(f"--{key.replace('_', '-')} {opts[key]!r}: must be a positive integer")
+    if opts["time"] is not None:
+        from ..train.budget import parse_duration
+
+        opts["time"] = parse_duration(opts["time"])
     return opts
 
 
@@ -199,10 +224,12 @@ def run(args: argparse.Namespace) -> int:
         raise LmsmithError(f"{opts['data']}: preference data trains with --objective dpo "
                            "(or give SFT data: instruction/solution, chat, ...)")
     eval_examples = read_examples(opts["eval_tasks"])[0] if opts["eval_tasks"] else None
+    examples, val_examples = _validation_split(opts, examples)
     ref_texts = _ref_texts(opts["ref_data"]) if opts["ref_data"] else None
 
     prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]),
-                       inputs={"MODEL": opts["model"], "--adapter": opts["adapter"], "--data": opts["data"]})
+                       inputs={"MODEL": opts["model"], "--adapter": opts["adapter"], "--data": opts["data"],
+                               "--eval-data": opts["eval_data"]})
 
     # ---- model ------------------------------------------------------------------------------------
     base, tokenizer = load(opts["model"])
@@ -225,6 +252,15 @@ def run(args: argparse.Namespace) -> int:
         if opts["pack"]:
             items = pack(items, room)
     batches = InstructBatches(items, int(opts["batch_size"]), seed=int(opts["seed"]), pad_id=pad_id_of(tokenizer))
+    eval_batches = None
+    if val_examples:
+        val_items = (encode_preference if dpo else encode_sft)(val_examples, tokenizer, room)[0]
+
+        def eval_batches():  # one pass over the validation examples, in order
+            import itertools
+
+            vb = InstructBatches(val_items, int(opts["batch_size"]), seed=0, pad_id=pad_id_of(tokenizer))
+            return itertools.islice(vb, vb.batches_per_epoch)
     max_steps = opts["max_steps"]
     if not max_steps:
         max_steps = max(1, math.ceil(float(opts["epochs"]) * batches.batches_per_epoch / int(opts["grad_accum"])))
@@ -258,13 +294,14 @@ def run(args: argparse.Namespace) -> int:
     # ---- the loop -----------------------------------------------------------------------------------------
     warmup = min(int(opts["warmup_steps"]), max(0, max_steps // 10))
     train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
-    train_opts.update(max_steps=max_steps, warmup_steps=warmup)
+    train_opts.update(max_steps=max_steps, warmup_steps=warmup, time_budget=opts["time"],
+                      eval_batches=10**9)  # every validation example (at most _MAX_HELD_OUT of --data)
     config = TrainConfig(**train_opts)
     save_options(out, {**opts, "max_steps": max_steps},
-                 path_keys=("model", "data", "adapter", "eval_tasks", "ref_data"))
+                 path_keys=("model", "data", "adapter", "eval_tasks", "ref_data", "eval_data"))
     print(f"lmsmith finetune: {opts['method']} {opts['objective']} of {opts['model']}; {method_desc}; "
           f"{max_steps:,} steps x {opts['batch_size']} x {opts['grad_accum']}; run folder {out}")
-    result = train(model, batches, objective, config, out_dir=out, tokenizer=tokenizer,
+    result = train(model, batches, objective, config, out_dir=out, tokenizer=tokenizer, eval_batches=eval_batches,
                    resume=bool(opts["resume"]), trainable_params=trainable)
 
     # ---- save ------------------------------------------------------------------------------------------------
@@ -282,6 +319,13 @@ def run(args: argparse.Namespace) -> int:
         if last:
             lines.append(f"DPO reward margin {last['reward_margin']:.3f}, "
                          f"accuracy {last['reward_accuracy']:.0%}.")
+    if result.val_loss is not None:
+        what = "validation pairs" if dpo else "validation responses"
+        extra = f", perplexity {result.val_ppl:.2f}" if result.val_ppl is not None else ""
+        val_rows = [r for r in _rows(out) if "val_reward_accuracy" in r]
+        if val_rows:
+            extra += f", preference accuracy {val_rows[-1]['val_reward_accuracy']:.0%}"
+        lines.append(f"Loss on {len(val_examples):,} {what} {result.val_loss:.4f}{extra}.")
     if acc_after:
         before = f"{_fmt_acc(acc_before)} -> " if acc_before else ""
         lines.append(f"Task accuracy {before}{_fmt_acc(acc_after)}.")
@@ -300,6 +344,23 @@ def run(args: argparse.Namespace) -> int:
             mark = "ok " if ex["correct"] else "bad"
             print(f"  [{mark}] {ex['prompt']!r} -> {ex['got']!r} (expected {ex['expected']!r})")
     return 130 if result.interrupted else 0
+
+
+def _validation_split(opts: dict, examples: list[dict]) -> tuple[list[dict], list[dict] | None]:
+    """(training examples, validation examples): --eval-data's, else a seeded random fraction of --data."""
+    import random
+
+    from ..data.instruct import read_examples
+
+    if opts["eval_data"]:
+        return examples, read_examples(opts["eval_data"], opts["format"])[0]
+    n = min(_MAX_HELD_OUT, int(len(examples) * float(opts["val_fraction"])))
+    if n < 1 or len(examples) - n < 1:
+        return examples, None
+    held = set(random.Random(int(opts["seed"])).sample(range(len(examples)), n))
+    print(f"validation: {n:,} of {len(examples):,} examples held out of --data (--val-fraction; --eval-data FILE "
+          "gives your own)")
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
 def _apply_method(opts: dict, base, tokenizer):

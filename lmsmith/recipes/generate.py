@@ -12,6 +12,7 @@ import json
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 HELP = "generate text with any decoding strategy, streaming; --compare strategies side by side"
 DESCRIPTION = """Generate a continuation of --prompt with MODEL (an HF directory or .gguf file).
@@ -149,9 +150,17 @@ def _stream(model, tokenizer, args, config) -> int:
 def read_prompts(path: str) -> list[str]:
     """Prompts from a file: JSONL with a 'prompt' field (or a JSON string per line), else one per line."""
     from ..errors import LmsmithError
+    from ..fileio import check_regular_file
 
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+    check_regular_file(path, "prompts file")
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise LmsmithError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the prompts as "
+                           "UTF-8") from None
+    lines = [ln for ln in text.split("\n") if ln.strip()]
     prompts = []
     jsonl = path.endswith((".jsonl", ".json")) or (lines and lines[0].lstrip().startswith("{"))
     for i, line in enumerate(lines, 1):

@@ -21,8 +21,8 @@ def add_run_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="continue the run in --out exactly, with the options it saved in OUT/config.yaml "
                         "(flags given now override them)")
     g.add_argument("--overwrite", action="store_true", default=None,
-                   help="start afresh even if --out holds a run (its checkpoints and results, and a "
-                        "pretraining run's tokenizer and shards, are deleted)")
+                   help="start afresh even if --out holds a run (its checkpoints and results are deleted; "
+                        "for pretraining also the tokenizer and shards it made)")
 
 
 def prepare_run_folder(out, resume: bool, overwrite: bool, inputs: dict | None = None,

@@ -29,7 +29,8 @@ DEFAULT_REPORT_SCHEMES = "f16,q8_0,int8,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m"
 def add_arguments(p) -> None:
     p.add_argument("model", help="model directory (or .gguf file)")
     p.add_argument("--scheme", help="quantization scheme (see above)")
-    p.add_argument("--out", help="output .gguf file or directory")
+    p.add_argument("--out", help="output .gguf file or directory (never replaced without --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--report", action="store_true", help="measure the quality table over --schemes")
     p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out text for --report (files, folders, .jsonl)")
     p.add_argument("--schemes", default=DEFAULT_REPORT_SCHEMES, help=f"schemes for --report (default: "
@@ -66,6 +67,8 @@ def run(args) -> int:
     if args.report and not args.eval_data:
         raise LmsmithError("--report needs --eval-data FILE (held-out text to measure perplexity on)")
 
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise LmsmithError(f"--out {args.out} already exists; pass --overwrite to replace it, or choose another path")
     from ..loader import load
 
     model, tokenizer = load(args.model)
