@@ -664,9 +664,16 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: Path | str = "GGUF"):
                       "loading the model without a tokenizer", stacklevel=3)
         return None
     types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+    if not isinstance(tokens, list) or len(types) != len(tokens) or not all(isinstance(t, str) for t in tokens):
+        raise LmsmithError(f"{path}: corrupt GGUF tokenizer metadata (tokens and token types disagree); "
+                           "re-export or re-download the file")
     vocab = {tok: i for i, (tok, ty) in enumerate(zip(tokens, types)) if ty != _UNUSED}
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, byte_fallback=False))
+    try:
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, byte_fallback=False))
+    except Exception as e:  # tokenizers raises bare Exception for inconsistent vocab/merges
+        raise LmsmithError(f"{path}: corrupt GGUF tokenizer metadata ({str(e).splitlines()[0][:120]}); "
+                           "re-export or re-download the file") from None
     backend.normalizer = None
     backend.pre_tokenizer = pre_tok
     backend.decoder = decoders.ByteLevel()

@@ -499,6 +499,17 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - clock
 
+    overhead = {"eval": 0.0, "save": 0.0}  # seconds of the last evaluation and checkpoint, for the budget
+    cap = cfg.max_steps
+
+    def refit(step: int, sec_per_step: float) -> None:
+        # What comes after the last step: a final evaluation, checkpoint, final/ save and the loss plot
+        # (about a second, most of it importing matplotlib).
+        final = overhead["eval"] + 3 * overhead["save"] + 1.0
+        cfg.max_steps = fit_steps(cfg.time_budget, elapsed() + final, step, sec_per_step, cap)
+        bar.total = cfg.max_steps
+        bar.refresh()
+
     with StopFlag() as stop:
         try:
             while committed.step < cfg.max_steps:
@@ -538,21 +549,17 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                 losses[step] = loss
                 bar.update(1)
 
-                if cfg.time_budget and not fitted:
-                    if step == start_step + 1:
-                        t_fit0 = time.perf_counter()  # the first step pays one-off costs: time the rest
-                    elif step >= start_step + fit_at or step == cfg.max_steps:
-                        per_step = (time.perf_counter() - t_fit0) / (step - start_step - 1)
-                        # An evaluation batch is a forward pass, about a third of a training micro-batch.
-                        per_eval = cfg.eval_batches * per_step / cfg.grad_accum / 3 if eval_batches else 0.0
-                        cfg.max_steps = fit_steps(cfg.time_budget, elapsed(), step, per_step, cfg.max_steps,
-                                                  eval_every=cfg.eval_every, eval_seconds=per_eval)
-                        cfg.warmup_steps = min(cfg.warmup_steps, max(step, cfg.max_steps // 10))
-                        fitted = True
-                        bar.total = cfg.max_steps
-                        bar.refresh()
-                        bar.write(f"time budget {format_duration(cfg.time_budget)}: {per_step:.3f} s/step, "
-                                  f"so the run takes {cfg.max_steps:,} steps")
+                if cfg.time_budget and step == start_step + 1:
+                    t_fit0 = time.perf_counter()  # the first step pays one-off costs: time the rest
+                elif cfg.time_budget and not fitted and (step >= start_step + fit_at or step == cfg.max_steps):
+                    per_step = (time.perf_counter() - t_fit0) / (step - start_step - 1)
+                    # An evaluation batch is a forward pass, about a third of a training micro-batch.
+                    overhead["eval"] = cfg.eval_batches * per_step / cfg.grad_accum / 3 if eval_batches else 0.0
+                    refit(step, per_step + (overhead["eval"] / cfg.eval_every if cfg.eval_every else 0.0))
+                    cfg.warmup_steps = min(cfg.warmup_steps, max(step, cfg.max_steps // 10))
+                    fitted = True
+                    bar.write(f"time budget {format_duration(cfg.time_budget)}: {per_step:.3f} s/step, "
+                              f"so the run takes about {cfg.max_steps:,} steps")
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
@@ -573,12 +580,20 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                     log.write(row)
                     bar.set_postfix_str(format_postfix(loss, lr, tok_s, mfu))
                     t_log, tokens_since_log = now, 0
+                t_overhead = time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     last_eval = run_eval(step)
+                    overhead["eval"] = time.perf_counter() - t_overhead
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     run_sample(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    t_save = time.perf_counter()
                     last_ckpt, saved_step = checkpoint(committed), step
+                    overhead["save"] = time.perf_counter() - t_save
+                if fitted and cfg.time_budget and time.perf_counter() - t_overhead > 0 and step > start_step + 1 \
+                        and step % max(1, cfg.save_every or cfg.eval_every or 50) == 0 and step < cfg.max_steps:
+                    # The steps so far, evaluations and checkpoints included, give the rate to finish with.
+                    refit(step, (time.perf_counter() - t_fit0) / (step - start_step - 1))
             if stop.requested:
                 raise KeyboardInterrupt  # the signal came during the last step: save it, finish on resume
         except KeyboardInterrupt:
