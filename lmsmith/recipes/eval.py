@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
                    help="compute precision (default: fp32, exact)")
     p.add_argument("--max-docs", type=int, default=None, help="score at most this many documents")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA or prompt-tuning adapter to apply")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
 
 
 def run(args) -> int:

@@ -52,7 +52,7 @@ def add_generation_arguments(p) -> None:
     g.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute precision policy (default: fp32)")
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA or prompt-tuning adapter to apply")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
 
 
 def config_from_args(args, **changes):

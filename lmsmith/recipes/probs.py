@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=1, help="append the greedy token and repeat, N tables (default: 1)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of the tables to this PNG")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA or prompt-tuning adapter to apply")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
 
 
 def show_token(text: str) -> str:
