@@ -41,7 +41,7 @@ def format_duration(seconds: float) -> str:
 
 
 def fit_steps(budget: float, elapsed: float, step: int, sec_per_step: float, cap: int, *,
-              eval_every: int = 0, eval_seconds: float = 0.0, reserve: float = 0.02) -> int:
+              eval_every: int = 0, eval_seconds: float = 0.0, reserve: float = 0.01) -> int:
     """The step count that ends a run of `budget` seconds on time.
 
     Args:
