@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -210,35 +209,16 @@ def prepare(
     out = Path(out_dir)
     _check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    from ..fileio import atomic_dir
+
+    # Written under a temporary sibling name and renamed into place: a crash never leaves half a folder.
+    with atomic_dir(out) as tmp:
         manifest = _prepare_into(
             srcs, tokenizer, tmp, skip_dirs=(str(out), str(tmp)), text_field=text_field,
             min_chars=min_chars, val_fraction=val_fraction, skip_bad=skip_bad, seed=seed,
             shard_tokens=shard_tokens, batch_docs=batch_docs, progress=progress,
         )
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    # Rename the finished folder into place; an older shard folder is moved aside first and
-    # deleted only after the new one is in place, so a crash never leaves a half-written `out`.
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _prepare_into(

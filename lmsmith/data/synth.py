@@ -211,12 +211,12 @@ def write_synth(task: str, n: int, out: str | os.PathLike, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
 
     def write(name: str, rows: list[dict]) -> Path:
+        from ..fileio import atomic_file
+
         path = out / name
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_file(path) as fh:
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
         return path
 
     def sft(r: dict) -> dict:

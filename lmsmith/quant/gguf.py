@@ -43,6 +43,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import LmsmithError
+from ..fileio import atomic_path
 from .blocks import QType, as_qtype, dequantize, quantize, type_info
 from .mixes import plan_mix, scheme_names
 
@@ -269,85 +270,84 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, scheme: str = "f16", 
     plan = plan_mix(key, shapes, cfg.n_layers, n_head=cfg.n_heads, n_head_kv=cfg.n_kv_heads)
     types = dict(plan.types)
 
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        writer.add_name(name or path.stem)
-        writer.add_file_type(FILE_TYPES[key])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_context_length(cfg.max_seq_len)
-        writer.add_embedding_length(cfg.dim)
-        writer.add_block_count(cfg.n_layers)
-        writer.add_feed_forward_length(cfg.hidden_dim)
-        writer.add_head_count(cfg.n_heads)
-        writer.add_head_count_kv(cfg.n_kv_heads)
-        writer.add_layer_norm_rms_eps(cfg.norm_eps)
-        writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_rope_dimension_count(cfg.head_dim)
-        if cfg.head_dim != cfg.dim // cfg.n_heads:
-            writer.add_key_length(cfg.head_dim)
-            writer.add_value_length(cfg.head_dim)
-        writer.add_vocab_size(cfg.vocab_size)
-        if cfg.rope_scaling is not None:
-            for k, v in cfg.rope_scaling.items():
-                if k != "rope_type":
-                    writer.add_float32(f"lmsmith.rope_scaling.{k}", float(v))
-        if tokenizer is not None:
-            meta = _tokenizer_metadata(tokenizer, cfg.vocab_size)
-            writer.add_tokenizer_model("gpt2")
-            writer.add_tokenizer_pre(tokenizer.pre_tokenizer_name or "default")
-            writer.add_token_list(meta["tokens"])
-            writer.add_token_types(meta["types"])
-            writer.add_token_merges(meta["merges"])
-            for setter, value in ((writer.add_bos_token_id, tokenizer.bos_id),
-                                  (writer.add_eos_token_id, tokenizer.eos_id),
-                                  (writer.add_pad_token_id, tokenizer.pad_id)):
-                if value is not None:
-                    setter(int(value))
-            writer.add_add_bos_token(bool(tokenizer.add_bos))
-            writer.add_add_eos_token(False)
-            if tokenizer.chat_template:
-                writer.add_chat_template(tokenizer.chat_template)
+    with atomic_path(path) as tmp:  # fsynced, then renamed into place: never a half-written .gguf
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            writer.add_name(name or path.stem)
+            writer.add_file_type(FILE_TYPES[key])
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_context_length(cfg.max_seq_len)
+            writer.add_embedding_length(cfg.dim)
+            writer.add_block_count(cfg.n_layers)
+            writer.add_feed_forward_length(cfg.hidden_dim)
+            writer.add_head_count(cfg.n_heads)
+            writer.add_head_count_kv(cfg.n_kv_heads)
+            writer.add_layer_norm_rms_eps(cfg.norm_eps)
+            writer.add_rope_freq_base(cfg.rope_theta)
+            writer.add_rope_dimension_count(cfg.head_dim)
+            if cfg.head_dim != cfg.dim // cfg.n_heads:
+                writer.add_key_length(cfg.head_dim)
+                writer.add_value_length(cfg.head_dim)
+            writer.add_vocab_size(cfg.vocab_size)
+            if cfg.rope_scaling is not None:
+                for k, v in cfg.rope_scaling.items():
+                    if k != "rope_type":
+                        writer.add_float32(f"lmsmith.rope_scaling.{k}", float(v))
+            if tokenizer is not None:
+                meta = _tokenizer_metadata(tokenizer, cfg.vocab_size)
+                writer.add_tokenizer_model("gpt2")
+                writer.add_tokenizer_pre(tokenizer.pre_tokenizer_name or "default")
+                writer.add_token_list(meta["tokens"])
+                writer.add_token_types(meta["types"])
+                writer.add_token_merges(meta["merges"])
+                for setter, value in ((writer.add_bos_token_id, tokenizer.bos_id),
+                                      (writer.add_eos_token_id, tokenizer.eos_id),
+                                      (writer.add_pad_token_id, tokenizer.pad_id)):
+                    if value is not None:
+                        setter(int(value))
+                writer.add_add_bos_token(bool(tokenizer.add_bos))
+                writer.add_add_eos_token(False)
+                if tokenizer.chat_template:
+                    writer.add_chat_template(tokenizer.chat_template)
 
-        # Tensor infos first (the header needs every size), then the data streamed one tensor at a time.
-        order = list(names)
-        extra: dict[str, np.ndarray] = {}
-        if cfg.rope_scaling is not None:
-            extra["rope_freqs.weight"] = llama3_rope_factors(cfg)
-            types["rope_freqs.weight"] = QType.F32
-        for g in [*extra, *order]:
-            shape = extra[g].shape if g in extra else shapes[g]
-            qt = types[g]
-            rows_shape = shape if len(shape) == 2 else (1, shape[-1])
-            nbytes = rows_shape[0] * type_info(qt).row_bytes(rows_shape[1])
-            writer.add_tensor_info(g, shape, np.dtype(np.float32), nbytes, raw_dtype=gguf.GGMLQuantizationType(int(qt)))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+            # Tensor infos first (the header needs every size), then the data streamed one tensor at a time.
+            order = list(names)
+            extra: dict[str, np.ndarray] = {}
+            if cfg.rope_scaling is not None:
+                extra["rope_freqs.weight"] = llama3_rope_factors(cfg)
+                types["rope_freqs.weight"] = QType.F32
+            for g in [*extra, *order]:
+                shape = extra[g].shape if g in extra else shapes[g]
+                qt = types[g]
+                rows_shape = shape if len(shape) == 2 else (1, shape[-1])
+                nbytes = rows_shape[0] * type_info(qt).row_bytes(rows_shape[1])
+                writer.add_tensor_info(g, shape, np.dtype(np.float32), nbytes,
+                                       raw_dtype=gguf.GGMLQuantizationType(int(qt)))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
 
-        bar = _bar(len(extra) + len(order), progress, f"GGUF {key}")
-        tensor_bytes = 0
-        for g in [*extra, *order]:
-            if g in extra:
-                arr = extra[g]
-            else:
-                arr = params[names[g]].detach().to("cpu", torch.float32).numpy()
-                if arch == "llama" and g.endswith(("attn_q.weight", "attn_q.bias")):
-                    arr = permute_qk(arr, cfg.n_heads)
-                elif arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
-                    arr = permute_qk(arr, cfg.n_kv_heads)
-            qt = types[g]
-            data = quantize(arr.reshape(-1, arr.shape[-1]), qt).reshape(-1)
-            tensor_bytes += data.nbytes
-            writer.write_tensor_data(data)
-            bar.update(1)
-        bar.close()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+            bar = _bar(len(extra) + len(order), progress, f"GGUF {key}")
+            tensor_bytes = 0
+            for g in [*extra, *order]:
+                if g in extra:
+                    arr = extra[g]
+                else:
+                    arr = params[names[g]].detach().to("cpu", torch.float32).numpy()
+                    if arch == "llama" and g.endswith(("attn_q.weight", "attn_q.bias")):
+                        arr = permute_qk(arr, cfg.n_heads)
+                    elif arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
+                        arr = permute_qk(arr, cfg.n_kv_heads)
+                qt = types[g]
+                data = quantize(arr.reshape(-1, arr.shape[-1]), qt).reshape(-1)
+                tensor_bytes += data.nbytes
+                writer.write_tensor_data(data)
+                bar.update(1)
+            bar.close()
+            writer.close()
+        except BaseException:
+            writer.close()
+            raise
 
     counts: dict[str, int] = {}
     for g in order:

@@ -80,7 +80,6 @@ DEFAULTS: dict[str, typing.Any] = {
     "val_fraction": 0.05,
     "resume": False,
     "overwrite": False,
-    "eval_every": 0,
     "adapter": None,
     "merge": False,
     "lora_r": 8,

@@ -107,11 +107,11 @@ def save_options(out, opts: dict, path_keys: tuple[str, ...] = ()) -> None:
 
     import yaml
 
+    from ..fileio import atomic_file
+
     saved = {**opts, **{k: os.path.abspath(opts[k]) for k in path_keys if opts.get(k)}}
-    path = Path(out) / CONFIG_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(saved, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(Path(out) / CONFIG_FILE) as fh:
+        fh.write(yaml.safe_dump(saved, sort_keys=True))
 
 
 def resolve(args: argparse.Namespace, defaults: dict, skip: set[str],

@@ -21,7 +21,7 @@ from ..precision import describe_policy
 from ..train.budget import format_duration
 from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, save_options, train_fields
 
-HELP = "pretrain a model on raw text (default: the built-in Python corpus, ~10 min on 2 CPU cores)"
+HELP = "pretrain a model on raw text (default: the built-in Python corpus, at most 10 min)"
 DESCRIPTION = """Pretrain a decoder-only model by next-token prediction on raw text.
 
 With no arguments: train a 4096-token BPE tokenizer and the `tiny` preset on the
@@ -160,9 +160,10 @@ def run(args: argparse.Namespace) -> int:
     model, cfg_desc = _model(opts, tokenizer, preset)
 
     # ---- budget and loop ---------------------------------------------------------------------------
-    # A time budget keeps the usual warmup: the step count is only fitted after it has begun.
-    warmup = min(int(opts["warmup_steps"]), max(0, (max_steps if not opts["time"] else 10**9) // 10),
-                 max_steps - 1)
+    # Warmup is at most a tenth of the run; with a time budget the loop applies that once it has fitted
+    # the run's length.
+    warmup = int(opts["warmup_steps"]) if opts["time"] else min(int(opts["warmup_steps"]), max_steps // 10)
+    warmup = min(warmup, max_steps - 1)
     train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
     budget = None
     if opts["time"]:  # the loop gets what the tokenizer and shards left of the command's budget

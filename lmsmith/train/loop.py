@@ -34,7 +34,7 @@ import torch
 from ..errors import LmsmithError
 from ..precision import POLICIES, autocast, autocast_dtype
 from . import state as st
-from .budget import fit_steps, format_duration
+from .budget import StepBudget, format_duration
 from .interrupt import StopFlag
 from .metrics import MetricsLog, format_postfix, measure_matmul_peak, plot_loss_curve, progress_bar
 from .optim import SCHEDULES, build_optimizer, lr_at, param_groups
@@ -421,11 +421,9 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
             start_step, rows = state["step"], state["metrics"]
             tokens_before, elapsed_before = state.get("tokens", 0), state.get("elapsed", 0.0)
             saved = state.get("config") or {}
-            if cfg.time_budget and saved.get("time_budget") == cfg.time_budget and state.get("fitted"):
-                # The budget's step count was fitted before the interruption: keep its schedule.
+            if cfg.time_budget and state.get("fitted"):
+                # The budget's step count was fitted before the interruption: go on with its schedule.
                 cfg.max_steps, cfg.warmup_steps, fitted = saved["max_steps"], saved["warmup_steps"], True
-    if cfg.time_budget and not fitted and start_step >= cfg.max_steps:
-        fitted = True
     # Transforms after loading so the weights land in plain modules.
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -447,7 +445,8 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         with stop.critical():
             path = st.save_checkpoint(ckpt_root, c.step, model=model, tokenizer=tokenizer, optimizer=optimizer,
                                       config=cfg.to_dict(), data_state=c.data, rng=c.rng, metrics=log.rows,
-                                      extra={"tokens": c.tokens, "elapsed": c.elapsed, "fitted": fitted},
+                                      extra={"tokens": c.tokens, "elapsed": c.elapsed,
+                                             "fitted": bool(budget and budget.fitted)},
                                       trainable=trainable)
             st.prune_checkpoints(ckpt_root, cfg.keep_last)
         return path
@@ -491,24 +490,26 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     last_eval = next((r for r in reversed(rows) if "val_loss" in r and r["step"] == start_step), None)
     t_start = t_log = time.perf_counter()
     tokens_since_log, seq_len = 0, 0
-    fit_at = max(3, min(cfg.warmup_steps, 20))  # steps timed before a time budget fixes the step count
-    t_fit0 = None
     interrupted = False
     committed = _Committed(start_step, data_state(), st.get_rng_state(), tokens_before, elapsed_before)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - clock
 
-    overhead = {"eval": 0.0, "save": 0.0}  # seconds of the last evaluation and checkpoint, for the budget
-    cap = cfg.max_steps
+    budget = None
+    if cfg.time_budget:  # steps timed before the first fit: a few, within the warmup
+        budget = StepBudget(cfg.time_budget, config.max_steps, start_step, max(3, min(cfg.warmup_steps, 20)),
+                            eval_every=cfg.eval_every, fitted=fitted)
 
-    def refit(step: int, sec_per_step: float) -> None:
-        # What comes after the last step: a final evaluation, checkpoint, final/ save and the loss plot
-        # (about a second when matplotlib still has to be imported).
-        final = overhead["eval"] + 3 * overhead["save"] + (0.3 if "matplotlib.pyplot" in sys.modules else 1.0)
-        cfg.max_steps = fit_steps(cfg.time_budget, elapsed() + final, step, sec_per_step, cap)
-        bar.total = cfg.max_steps
-        bar.refresh()
+    def eval_estimate(sec_per_step: float) -> float:
+        # An evaluation batch is a forward pass, about a third of a training micro-batch.
+        return cfg.eval_batches * sec_per_step / cfg.grad_accum / 3 if eval_batches else 0.0
+
+    def set_length(steps: int | None) -> None:
+        if steps is not None:
+            cfg.max_steps = steps
+            bar.total = steps
+            bar.refresh()
 
     with StopFlag() as stop:
         try:
@@ -549,17 +550,11 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                 losses[step] = loss
                 bar.update(1)
 
-                if cfg.time_budget and step == start_step + 1:
-                    t_fit0 = time.perf_counter()  # the first step pays one-off costs: time the rest
-                elif cfg.time_budget and not fitted and (step >= start_step + fit_at or step == cfg.max_steps):
-                    per_step = (time.perf_counter() - t_fit0) / (step - start_step - 1)
-                    # An evaluation batch is a forward pass, about a third of a training micro-batch.
-                    overhead["eval"] = cfg.eval_batches * per_step / cfg.grad_accum / 3 if eval_batches else 0.0
-                    refit(step, per_step + (overhead["eval"] / cfg.eval_every if cfg.eval_every else 0.0))
+                if budget and (fit := budget.after_step(step, elapsed(), eval_estimate)) is not None:
+                    set_length(fit)
                     cfg.warmup_steps = min(cfg.warmup_steps, max(step, cfg.max_steps // 10))
-                    fitted = True
-                    bar.write(f"time budget {format_duration(cfg.time_budget)}: {per_step:.3f} s/step, "
-                              f"so the run takes about {cfg.max_steps:,} steps")
+                    bar.write(f"time budget {format_duration(cfg.time_budget)}: the run takes about "
+                              f"{cfg.max_steps:,} steps at this speed")
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
@@ -580,20 +575,20 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                     log.write(row)
                     bar.set_postfix_str(format_postfix(loss, lr, tok_s, mfu))
                     t_log, tokens_since_log = now, 0
-                t_overhead = time.perf_counter()
+                t0 = time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     last_eval = run_eval(step)
-                    overhead["eval"] = time.perf_counter() - t_overhead
+                    if budget:
+                        budget.eval_seconds = time.perf_counter() - t0
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     run_sample(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                    t_save = time.perf_counter()
+                    t0 = time.perf_counter()
                     last_ckpt, saved_step = checkpoint(committed), step
-                    overhead["save"] = time.perf_counter() - t_save
-                if fitted and cfg.time_budget and time.perf_counter() - t_overhead > 0 and step > start_step + 1 \
-                        and step % max(1, cfg.save_every or cfg.eval_every or 50) == 0 and step < cfg.max_steps:
-                    # The steps so far, evaluations and checkpoints included, give the rate to finish with.
-                    refit(step, (time.perf_counter() - t_fit0) / (step - start_step - 1))
+                    if budget:
+                        budget.save_seconds = time.perf_counter() - t0
+                if budget and step < cfg.max_steps and step % (cfg.save_every or cfg.eval_every or 50) == 0:
+                    set_length(budget.after_overhead(step, elapsed()))
             if stop.requested:
                 raise KeyboardInterrupt  # the signal came during the last step: save it, finish on resume
         except KeyboardInterrupt:
@@ -637,7 +632,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         val_ppl=last_eval.get("val_ppl") if last_eval else None,
         wall_time=wall, tokens_per_s=tokens_run / max(wall, 1e-9), checkpoint=last_ckpt,
         final_dir=final_dir, interrupted=interrupted, losses=losses, steps_run=step - start_step,
-        tokens_run=tokens_run, time_budget=cfg.time_budget if fitted else None)
+        tokens_run=tokens_run, time_budget=cfg.time_budget if budget and budget.fitted else None)
     if not interrupted and cfg.progress:
         print(result.summary(), file=sys.stderr)
     return result

@@ -214,32 +214,17 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
 def clean_temporaries(out_dir: Path) -> None:
     """Remove what a killed run left half-written in its run folder (none of it ever counts as a result).
 
-    Atomic writers put a folder together under a temporary name and rename it when complete:
-    `checkpoints/step-XXXXXXX.tmp-*` (and `.old-*`, the previous copy during the swap), `final.tmp-*`,
-    `adapter.tmp-*`, `merged.tmp-*`, `tokenizer.tmp-*`, and shard preparation's `.data.tmp-PID`
-    (left alone while process PID still runs).
+    The atomic writers (`fileio.atomic_dir`) put a folder together under `<name>.tmp-*` and move the
+    previous copy to `<name>.old-*` during the swap: `checkpoints/step-XXXXXXX`, `final`, `adapter`,
+    `merged`, `tokenizer` and the shard folder `data`.
     """
     out_dir = Path(out_dir)
-    pattern = re.compile(r"^(step-\d+|final|adapter|merged|tokenizer)\.(tmp|old)-")
+    pattern = re.compile(r"^(step-\d+|final|adapter|merged|tokenizer|data)\.(tmp|old)-")
     for folder in (out_dir, out_dir / "checkpoints"):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            m = re.match(r"^\.\w+\.tmp-(\d+)$", p.name)
-            if (pattern.match(p.name) or (m and not _pid_alive(int(m.group(1))))) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()  # our own leftovers (an earlier call in this process) are dead too
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if pattern.match(p.name) and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
 
 
 def load_model_weights(model, path: Path) -> None:
@@ -273,6 +258,10 @@ def load_model_weights(model, path: Path) -> None:
                            f"unexpected {unexpected[:3]}); resume with the same model config")
     if tied:
         model.tie_weights()
+
+
+class _Unreadable(Exception):
+    """A checkpoint file that parses but does not hold what a checkpoint must."""
 
 
 def restore_latest(ckpt_root: Path, model, optimizer, batches, device, grad_accum: int
@@ -312,10 +301,6 @@ def restore_latest(ckpt_root: Path, model, optimizer, batches, device, grad_accu
         set_rng_state(rng_tensors, state["rng"])
         return path, state
     return None
-
-
-class _Unreadable(Exception):
-    """A checkpoint file that parses but does not hold what a checkpoint must."""
 
 
 def load_train_state(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
