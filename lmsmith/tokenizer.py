@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -265,15 +266,33 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of `text`; prepend bos / append eos when asked and the tokenizer has them."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
+               max_tokens: int | None = None) -> list[int]:
+        """Token ids of `text`; prepend bos / append eos when asked and the tokenizer has them.
+
+        Long texts are encoded in pieces (see `text_pieces`), so memory stays bounded whatever the
+        length; with `max_tokens`, encoding stops once that many ids are there (the result may hold
+        a few more: cut it yourself).
+        """
+        ids: list[int] = []
+        for piece in text_pieces(text):
+            ids += self.backend.encode(piece, add_special_tokens=False).ids
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
         return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
-        """`encode` for many texts at once, on the Rust batch encoder (parallel across cores)."""
-        out = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        return [self._wrap(e.ids, add_bos, add_eos) for e in out]
+        """`encode` for many texts at once, on the Rust batch encoder (parallel across cores); long texts
+        go through it piece by piece."""
+        texts = list(texts)
+        short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, e in zip(short, self.backend.encode_batch([texts[i] for i in short], add_special_tokens=False)):
+            out[i] = e.ids
+        for i, t in enumerate(texts):
+            if len(t) > PIECE_CHARS:
+                out[i] = self.encode(t)
+        return [self._wrap(ids, add_bos, add_eos) for ids in out]
 
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos and self.bos_id is not None:
@@ -531,6 +550,29 @@ def _template_from_config(value: Any) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         return named.get("default") or next((t for t in named.values() if isinstance(t, str)), None)
     return None
+
+
+# Texts longer than this are encoded in pieces: the Rust encoder holds ~160 bytes per character of its
+# input while it works (a 49 MB one-line document took 8 GB in one call).
+PIECE_CHARS = 1 << 18
+_CUT = re.compile(r"\S(?= )")
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `size` characters, each cut just before a space that follows
+    a non-space character: there the byte-level pre-tokenizers (Qwen2, Llama 3, GPT-2) start a new
+    pre-token anyway, so the ids equal those of the whole text. A stretch of 4096 characters with no such
+    place (one enormous word) is cut where it must be."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        last = None
+        for last in _CUT.finditer(text, max(start, end - 4096), end):  # noqa: B007 (we want the last)
+            pass
+        cut = last.end() if last is not None and last.end() > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _read_json(path: Path) -> dict:

@@ -212,3 +212,62 @@ def test_kill_during_data_preparation_resumes_the_same_job(tmp_path, monkeypatch
         return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
     assert losses(run) == losses(full)
+
+
+def _stdlib_text() -> str:
+    import sysconfig
+    from pathlib import Path
+
+    return "".join(f.read_text() for f in sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")))
+
+
+def test_long_texts_encode_in_pieces_to_the_same_ids():
+    from lmsmith.tokenizer import Tokenizer, text_pieces
+
+    text = _stdlib_text()
+    tok = Tokenizer.train([text], vocab_size=400)
+    pieces = list(text_pieces(text, size=997))
+    assert "".join(pieces) == text and len(pieces) > 20 and max(map(len, pieces)) <= 997
+    whole = tok.backend.encode(text, add_special_tokens=False).ids
+    assert sum((tok.backend.encode(p, add_special_tokens=False).ids for p in pieces), []) == whole
+    assert list(text_pieces("x" * 10_000, size=1000)) == ["x" * 1000] * 10  # no space: cut where it must
+
+
+_MEMORY_CHILD = r"""
+import resource, sys
+from pathlib import Path
+from lmsmith.data import prepare
+from lmsmith.data.sources import Source
+from lmsmith.tokenizer import Tokenizer
+text = Path(sys.argv[1]).read_text()
+tok = Tokenizer.train([text[:200_000]], vocab_size=400)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepare([Source("big", path=sys.argv[1])], tok, Path(sys.argv[2]), progress=False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+
+
+def test_a_long_one_line_document_prepares_in_bounded_memory(tmp_path):
+    """8 MB on one line: the encoder alone took ~1.4 GB for it in one call; in pieces it stays small."""
+    import subprocess
+    import sys
+
+    line = _stdlib_text().replace("\n", " ")
+    (tmp_path / "big.txt").write_text((line * (8 * 2**20 // len(line) + 1))[: 8 * 2**20])
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tmp_path / "big.txt"), str(tmp_path / "shards")],
+                         capture_output=True, text=True, check=True)
+    extra_mb = int(out.stdout.split()[-1])
+    assert extra_mb < 300, extra_mb
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["sources"][0]["documents"] == 1
+
+
+def test_a_huge_answer_is_truncated_not_fatal():
+    from lmsmith.data.instruct import encode_sft
+    from lmsmith.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([_stdlib_text()], vocab_size=400)
+    answer = _stdlib_text().replace("\n", " ") * 40  # ~3 MB
+    items, stats = encode_sft([{"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": answer}]}], tok, 64)
+    assert stats.truncated == 1 and len(items) == 1 and len(items[0]["input_ids"]) == 64

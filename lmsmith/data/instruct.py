@@ -255,15 +255,26 @@ def render_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     return [(t, r) for t, r in pieces if t]
 
 
-def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def tokenize_messages(tokenizer, messages: list[dict], max_tokens: int | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is a response target.
 
     Within a response piece the targets run up to and including the first end-of-turn token
     (`tokenizer.eos_ids`); what the template adds after it (ChatML's "\\n") is not a target.
     If a response piece has no end-of-turn token, the tokenizer's eos is appended as its target.
+    With `max_tokens`, a long conversation is encoded only until that many ids exist (the result then
+    holds at least `max_tokens`), so a 49 MB answer costs no more memory than the context needs.
     """
     segs = render_segments(tokenizer, messages)
-    encoded = tokenizer.encode_batch([t for t, _ in segs])
+    if max_tokens is not None and sum(len(t) for t, _ in segs) > max_tokens * 4:
+        encoded, have = [], 0
+        for t, _ in segs:  # one segment at a time, each only as far as still needed
+            if have >= max_tokens:
+                break
+            encoded.append(tokenizer.encode(t, max_tokens=max_tokens - have))
+            have += len(encoded[-1])
+        segs = segs[:len(encoded)]
+    else:
+        encoded = tokenizer.encode_batch([t for t, _ in segs])
     ends = set(getattr(tokenizer, "eos_ids", None) or [])
     ids: list[int] = []
     target: list[bool] = []
@@ -310,7 +321,8 @@ def encode_sft(examples: Sequence[dict], tokenizer, seq_len: int) -> tuple[list[
     """
     items, stats = [], EncodeStats()
     for ex in examples:
-        ids, target = tokenize_messages(tokenizer, ex["messages"])
+        # seq_len + 2: more ids than fit, so a conversation cut short while encoding counts as truncated
+        ids, target = tokenize_messages(tokenizer, ex["messages"], max_tokens=seq_len + 2)
         stats.longest = max(stats.longest, len(ids) - 1)
         if len(ids) > seq_len + 1:
             ids, target = ids[: seq_len + 1], target[: seq_len + 1]

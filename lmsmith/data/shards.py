@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LmsmithError
+from ..tokenizer import PIECE_CHARS, text_pieces
 from .clean import Deduper, content_hash, normalize, split_score, too_short
 from .sources import Source, SourceStats, iter_documents, parse_source
 
@@ -257,11 +258,17 @@ def _prepare_into(
                 nonlocal total_tokens
                 if not batch:
                     return
-                ids = tok.encode_batch([t for _, t in batch])
-                for (score, _), doc in zip(batch, ids):
-                    arr = np.empty(len(doc) + 1, dtype=np.int64)
-                    arr[:-1] = doc
-                    arr[-1] = eos
+                short = [t for _, t in batch if len(t) <= PIECE_CHARS]
+                ids = iter(tok.encode_batch(short) if short else [])
+                for score, text in batch:
+                    # A long document is encoded piece by piece straight into an array: memory a few bytes
+                    # per token, not the encoder's ~160 per character (see tokenizer.text_pieces).
+                    if len(text) <= PIECE_CHARS:
+                        parts = [np.asarray(next(ids), dtype=np.int64)]
+                    else:
+                        parts = [np.asarray(tok.encode(p), dtype=np.int64) for p in text_pieces(text)]
+                    arr = np.concatenate([*parts, np.array([eos], dtype=np.int64)])
+                    doc = arr[:-1]
                     if len(doc) and (arr.max() > limit or arr.min() < 0):
                         raise LmsmithError(
                             f"token id {int(arr.max())} does not fit {dtype.name} for a tokenizer reporting "
