@@ -84,6 +84,11 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
         if (path / "params.json").is_file():
             extra = (" (params.json is Meta's original format; convert it with transformers' "
                      "convert_llama_weights_to_hf)")
+        elif (path / "final" / CONFIG_NAME).is_file() or (path / "checkpoints").is_dir():
+            # A run folder: its model is final/ (or, while it trains or after an interrupt, a checkpoint).
+            found = path / "final" if (path / "final" / CONFIG_NAME).is_file() else \
+                max((path / "checkpoints").glob("step-*[0-9]"), default=None)
+            extra = f" (this is a run folder; its model is {found})" if found else " (this is a run folder)"
         raise LmsmithError(f"{cfg_file}: missing; a Hugging Face model directory needs a config.json{extra}")
     check_regular_file(cfg_file, "config.json")
     try:

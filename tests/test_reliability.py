@@ -213,6 +213,14 @@ def test_kill_during_data_preparation_resumes_the_same_job(tmp_path, monkeypatch
 
     assert losses(run) == losses(full)
 
+    # The run's own validation split is the quality table's held-out text; a run folder is not a model.
+    capsys.readouterr()
+    assert main(["quantize", str(full / "final"), "--report", "--eval-data", str(full / "data"), "--schemes", "q8_0",
+                 "--max-chars", "3000", "--no-progress", "--plot", str(tmp_path / "q.png")]) == 0
+    assert "q8_0" in capsys.readouterr().out
+    with pytest.raises(LmsmithError, match="its model is .*final"):
+        lmsmith.load(full)
+
 
 def _stdlib_text() -> str:
     import sysconfig
@@ -271,3 +279,17 @@ def test_a_huge_answer_is_truncated_not_fatal():
     items, stats = encode_sft([{"messages": [{"role": "user", "content": "q"},
                                              {"role": "assistant", "content": answer}]}], tok, 64)
     assert stats.truncated == 1 and len(items) == 1 and len(items[0]["input_ids"]) == 64
+
+
+def test_generation_and_context_numbers(hf_dir, tmp_path, capsys):
+    from lmsmith.decoding import GenerationConfig
+
+    for bad in (dict(temperature=float("nan")), dict(strategy="beam", num_beams=0),
+                dict(repetition_penalty=float("inf"))):
+        with pytest.raises(LmsmithError):
+            GenerationConfig(**bad)
+    assert main(["pretrain", "--init-from", str(hf_dir), "--seq-len", "64", "--out", str(tmp_path / "r")]) == 1
+    assert "longer than the context" in capsys.readouterr().err
+    assert main(["eval", str(hf_dir), "--data", "/no/such/file.txt"]) == 1
+    err = capsys.readouterr().err
+    assert "--data /no/such/file.txt" in err and "--source" not in err

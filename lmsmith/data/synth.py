@@ -12,7 +12,8 @@ Tasks (all answers are short strings compared exactly after strip):
     lookup      "Capitals: Zorvania: Kelmport; Quenland: Ostrava; Brellia: Tamsk. What is the capital
                 of Quenland?" -> "Ostrava"  (made-up countries and cities, paired at random in every
                 question: the facts are in the prompt and change each time, so only reading answers it)
-    mix         an equal share of each task (until a task runs out of distinct questions)
+    mix         the tasks in turn: an equal share of each until a task runs out of distinct questions
+                (convert has 320), then the others share the rest
 
 `write_synth` writes train.jsonl and heldout.jsonl (disjoint by question) in the
 {"instruction", "solution"} format (plus "task"), and preference.jsonl

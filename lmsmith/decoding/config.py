@@ -8,6 +8,7 @@ typo never silently decodes with the wrong strategy.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,12 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise LmsmithError(f"unknown decoding strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        for name in ("temperature", "length_penalty", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                     "top_p", "min_p"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise LmsmithError(f"{name} {value!r} must be a finite number")
         if self.temperature is None or self.temperature < 0:
             raise LmsmithError(f"temperature {self.temperature} must be >= 0 (0 means greedy)")
         if self.strategy in STRATEGY_DEFAULTS:

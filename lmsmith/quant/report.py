@@ -92,13 +92,19 @@ def quality_table(model, tokenizer, texts: list[str], schemes: list[str], *, wor
         raise LmsmithError(f"unknown scheme {bad[0]!r}; known schemes: {', '.join(known)}")
     if tokenizer is None:
         raise LmsmithError("the quality table needs the model's tokenizer to score text")
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        base_ppl = perplexity(model, tokenizer, texts, seq_len=seq_len, stride=stride).perplexity
-        f32_size, f32_bpw, _, f32_s = measure_scheme(model, tokenizer, "f32", texts[:1], tmp, seq_len=8)
-        rows = [SchemeResult("f32", f32_bpw, f32_size, 1.0, base_ppl, 0.0, quality_word(0.0), f32_s)]
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        for scheme in tqdm([s for s in schemes if s != "f32"], desc="schemes", disable=not progress):
+    rows: list[SchemeResult] = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        # The f32 reference is the bar's first step: scoring it takes as long as any scheme.
+        bar = tqdm(["f32", *[s for s in schemes if s != "f32"]], desc="schemes", disable=not progress)
+        for scheme in bar:
+            bar.set_postfix_str(scheme)
+            if scheme == "f32":
+                base_ppl = perplexity(model, tokenizer, texts, seq_len=seq_len, stride=stride).perplexity
+                f32_size, f32_bpw, _, f32_s = measure_scheme(model, tokenizer, "f32", texts[:1], tmp, seq_len=8)
+                rows.append(SchemeResult("f32", f32_bpw, f32_size, 1.0, base_ppl, 0.0, quality_word(0.0), f32_s))
+                continue
             size, bpw, ppl, sec = measure_scheme(model, tokenizer, scheme, texts, tmp, seq_len=seq_len, stride=stride)
             delta = 100.0 * (ppl - base_ppl) / base_ppl
             rows.append(SchemeResult(scheme, bpw, size, f32_size / size, ppl, delta, quality_word(delta), sec))

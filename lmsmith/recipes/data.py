@@ -25,7 +25,9 @@ SYNTH_DESCRIPTION = """Generate instruction/solution pairs whose answers can be 
 
 Tasks: arithmetic ("What is 37 + 45?" -> "82"), reverse (words), sort (words
 alphabetically), convert (units, integer results), lookup (capitals of made-up
-countries given in the prompt), mix (an equal share of each). Writes OUT/train.jsonl
+countries given in the prompt), mix (the tasks in turn: an equal share of each
+while it has new questions; convert has only 320 distinct ones, so a larger --n
+gives the other tasks more). Writes OUT/train.jsonl
 and OUT/heldout.jsonl ({"task", "instruction", "solution"}, disjoint by question)
 and OUT/preference.jsonl ({"prompt", "chosen", "rejected"}, a wrong answer as
 rejected) from the train split.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 HELP = "perplexity and bits per byte of a model on held-out text; exact-match accuracy on tasks"
 DESCRIPTION = """Perplexity and bits per byte of MODEL (an HF directory or .gguf file) on text.
@@ -44,6 +45,11 @@ def run(args) -> int:
     from ..eval import perplexity
     from ..loader import load
 
+    if not args.data and not args.tasks:
+        raise LmsmithError("give --data PATH (perplexity on text) or --tasks FILE (exact-match accuracy), or both")
+    for path in args.data or ():  # before the model loads: a typo should not cost a model load
+        if not Path(path).exists():
+            raise LmsmithError(f"--data {path}: no such file or folder; give held-out text files, folders or .jsonl")
     model, tokenizer = load(args.model)
     if tokenizer is None:
         raise LmsmithError(f"{args.model}: no tokenizer.json beside the weights; eval needs the model's tokenizer")
@@ -52,8 +58,6 @@ def run(args) -> int:
 
         model = load_adapter(model, args.adapter, tokenizer)
     use_decode_layout(model)  # --tasks decodes answers token by token
-    if not args.data and not args.tasks:
-        raise LmsmithError("give --data PATH (perplexity on text) or --tasks FILE (exact-match accuracy), or both")
     if args.tasks:
         _tasks(model, tokenizer, args)
         if not args.data:

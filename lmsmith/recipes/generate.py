@@ -59,8 +59,9 @@ def config_from_args(args, **changes):
     """A GenerationConfig from the parsed decoding options (`changes` override fields)."""
     from ..decoding import GenerationConfig
 
+    beams = args.num_beams if args.num_beams is not None else (4 if args.strategy == "beam" else 1)
     kw = dict(strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              min_p=args.min_p, num_beams=args.num_beams or (4 if args.strategy == "beam" else 1),
+              min_p=args.min_p, num_beams=beams,
               length_penalty=args.length_penalty,
               early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
               repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
@@ -232,10 +233,11 @@ def compare_configs(spec: str, args) -> list[tuple[str, object]]:
         raise LmsmithError(f"--compare: unknown strategy {', '.join(map(repr, unknown)) or repr(spec)}; "
                            f"choose from: {', '.join(STRATEGIES)}")
     seed = 0 if args.seed is None else args.seed  # a comparison should be reproducible
+    beams = 4 if args.num_beams is None else args.num_beams
     base = dict(top_k=None, top_p=None, min_p=None, num_beams=1, seed=seed)
     presets = {
         "greedy": ("greedy", dict(strategy="greedy")),
-        "beam": (f"beam {args.num_beams or 4}", dict(strategy="beam", num_beams=args.num_beams or 4)),
+        "beam": (f"beam {beams}", dict(strategy="beam", num_beams=beams)),
         "sample": (f"sample T={args.temperature:g}", dict(strategy="sample")),
         "top_k": (f"top_k {args.top_k or 40}", dict(strategy="top_k", top_k=args.top_k or 40)),
         "top_p": (f"top_p {args.top_p or 0.9:g}", dict(strategy="top_p", top_p=args.top_p or 0.9)),

@@ -236,6 +236,14 @@ def _check_inputs(opts: dict) -> None:
                             "tokenizer directory"), ("--data", "data", "token-shard folder")):
         if opts[key] and not Path(opts[key]).exists():
             raise LmsmithError(f"{flag} {opts[key]}: no such {what}; check the path")
+    if opts["init_from"]:
+        from ..checkpoint import read_config
+
+        context = read_config(opts["init_from"]).max_seq_len
+        if opts["seq_len"] > context:
+            raise LmsmithError(f"--seq-len {opts['seq_len']} is longer than the context of {opts['init_from']} "
+                               f"({context}, max_position_embeddings in its config.json); use --seq-len "
+                               f"{context} or less")
     if opts["init_from"] and not opts["tokenizer"] and not (Path(opts["init_from"]) / "tokenizer.json").exists():
         raise LmsmithError(f"--init-from {opts['init_from']} has no tokenizer.json; pass --tokenizer DIR with the "
                            "tokenizer the model was trained with")

@@ -21,6 +21,7 @@ examples:
   lmsmith quantize models/my-model --scheme q4_k_m --out my-model-q4_k_m.gguf
   lmsmith quantize models/my-model --scheme int8 --out models/my-model-int8
   lmsmith quantize models/my-model --report --eval-data held-out.txt --schemes f16,q8_0,q4_k_m,q3_k_m
+  lmsmith quantize runs/pretrain/final --report --eval-data runs/pretrain/data   # the run's validation split
 """
 
 DEFAULT_REPORT_SCHEMES = "f16,q8_0,int8,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m"
@@ -32,7 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="output .gguf file or directory (never replaced without --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--report", action="store_true", help="measure the quality table over --schemes")
-    p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out text for --report (files, folders, .jsonl)")
+    p.add_argument("--eval-data", nargs="+", metavar="PATH",
+                   help="held-out text for --report: files, folders, .jsonl, or a token-shard folder (a pretraining "
+                        "run's OUT/data: its validation split, which training never saw)")
     p.add_argument("--schemes", default=DEFAULT_REPORT_SCHEMES, help=f"schemes for --report (default: "
                                                                      f"{DEFAULT_REPORT_SCHEMES})")
     p.add_argument("--seq-len", type=int, default=None, help="eval window length (default: model context)")
@@ -115,6 +118,23 @@ def _write(model, tokenizer, args) -> None:
           f"(1:{f32_bytes / max(s.tensor_bytes, 1):.1f} against f32), written in {s.seconds:.1f}s to {out}.")
 
 
+def _validation_documents(folder: str, tokenizer):
+    """The validation split of a token-shard folder (a pretraining run's OUT/data), as document texts."""
+    import numpy as np
+
+    from ..data import TokenShards
+
+    shards = TokenShards(folder)
+    shards.check_tokenizer(tokenizer)
+    for source in shards.sources:
+        for m in shards.memmaps(source, "validation"):
+            ends = np.flatnonzero(np.asarray(m) == tokenizer.eos_id)  # every document ends with eos
+            start = 0
+            for end in ends:
+                yield tokenizer.decode(m[start:end].tolist())
+                start = end + 1
+
+
 def _report(model, tokenizer, args) -> None:
     from ..data.sources import Source, iter_documents
     from ..errors import LmsmithError
@@ -122,7 +142,9 @@ def _report(model, tokenizer, args) -> None:
 
     texts, total = [], 0
     for path in args.eval_data:
-        for _, text in iter_documents(Source(name="eval", path=path)):
+        docs = _validation_documents(path, tokenizer) if (Path(path) / "manifest.json").is_file() else \
+            (text for _, text in iter_documents(Source(name="eval", path=path)))
+        for text in docs:
             if text.strip():
                 text = text[: args.max_chars - total]
                 texts.append(text)
