@@ -222,7 +222,8 @@ def main() -> int:
                      "--method", "prompt" if method == "prompt-only" else method,
                      "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                      "--seq-len", str(args.seq_len), "--out", str(out), "--overwrite", "--no-progress",
-                     "--save-every", "0", "--seed", "0"]
+                     "--save-every", "0", "--seed", "0",
+                     "--val-fraction", "0"]  # every example trains, as when the README's figures were taken
             if method == "full":
                 flags += ["--lr", str(args.lr_full)]
                 desc = f"full (lr {args.lr_full:g})"
