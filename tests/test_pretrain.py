@@ -48,7 +48,7 @@ def test_pretrain_learns_below_unigram_baseline(corpus, tmp_path, capsys):
     assert "Sample" in text
 
 
-def test_pretrain_resume_after_interrupt_reproduces_losses(corpus, tmp_path, monkeypatch):
+def test_pretrain_resume_after_interrupt_reproduces_losses(corpus, tmp_path, monkeypatch, capsys):
     common = ("--max-steps", "24", "--save-every", "8", "--log-every", "1", "--lr", "3e-3")
     full = tmp_path / "full"
     assert main(_args(corpus, full, *common)) == 0
@@ -67,8 +67,11 @@ def test_pretrain_resume_after_interrupt_reproduces_losses(corpus, tmp_path, mon
     assert main(_args(corpus, part, *common)) == 130
     monkeypatch.setattr(mixture.MixtureBatches, "__next__", original)
     # The command the interrupt message prints: the run's saved options supply source, model and schedule.
+    capsys.readouterr()
     assert main(["pretrain", "--out", str(part), "--resume", "--no-progress"]) == 0
     assert _losses(part) == _losses(full)
+    # The summary counts the whole run (24 steps of 8 x 64 tokens), and says what this session did.
+    assert "for 24 steps (12,288 tokens, 11 of them in this session)" in capsys.readouterr().out
 
 
 def test_pretrain_resume_refuses_other_sources_and_overwrite_checks_inputs_first(corpus, tmp_path, capsys):
