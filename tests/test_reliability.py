@@ -69,6 +69,8 @@ def test_integer_weights_index_outside_and_fifo_are_refused(hf_dir, tmp_path):
     (hf_dir / "model.safetensors.index.json").unlink()
     os.mkfifo(hf_dir / "model.safetensors")
     _one_line_error(hf_dir, "not a regular file")
+    os.mkfifo(tmp_path / "pipe.gguf")
+    _one_line_error(tmp_path / "pipe.gguf", "not a regular file")
 
 
 def test_generation_config_eos_must_be_ids(tmp_path):
@@ -281,6 +283,13 @@ def test_a_huge_answer_is_truncated_not_fatal():
     assert stats.truncated == 1 and len(items) == 1 and len(items[0]["input_ids"]) == 64
 
 
+def _tokenizer_dir(tmp_path):
+    from lmsmith.tokenizer import Tokenizer
+
+    Tokenizer.train(["hello world, hello there"] * 50, vocab_size=300).save(tmp_path / "tok")
+    return tmp_path / "tok"
+
+
 def test_generation_and_context_numbers(hf_dir, tmp_path, capsys):
     from lmsmith.decoding import GenerationConfig
 
@@ -288,7 +297,8 @@ def test_generation_and_context_numbers(hf_dir, tmp_path, capsys):
                 dict(repetition_penalty=float("inf"))):
         with pytest.raises(LmsmithError):
             GenerationConfig(**bad)
-    assert main(["pretrain", "--init-from", str(hf_dir), "--seq-len", "64", "--out", str(tmp_path / "r")]) == 1
+    assert main(["pretrain", "--init-from", str(hf_dir), "--tokenizer", str(_tokenizer_dir(tmp_path)), "--seq-len",
+                 "64", "--out", str(tmp_path / "r")]) == 1
     assert "longer than the context" in capsys.readouterr().err
     assert main(["eval", str(hf_dir), "--data", "/no/such/file.txt"]) == 1
     err = capsys.readouterr().err

@@ -43,7 +43,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import LmsmithError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_regular_file
 from .blocks import QType, as_qtype, dequantize, quantize, type_info
 from .mixes import plan_mix, scheme_names
 
@@ -487,8 +487,7 @@ def read_gguf(path: str | os.PathLike):
     """Open a GGUF file with `gguf.GGUFReader` after validating it; errors become `LmsmithError`."""
     gguf = _gguf()
     path = Path(path)
-    if not path.is_file():
-        raise LmsmithError(f"{path}: no such GGUF file")
+    check_regular_file(path, "GGUF file")  # a FIFO or device would block the reader
     _validate(path)
     try:
         return gguf.GGUFReader(str(path))

@@ -236,6 +236,9 @@ def _check_inputs(opts: dict) -> None:
                             "tokenizer directory"), ("--data", "data", "token-shard folder")):
         if opts[key] and not Path(opts[key]).exists():
             raise LmsmithError(f"{flag} {opts[key]}: no such {what}; check the path")
+    if opts["init_from"] and not opts["tokenizer"] and not (Path(opts["init_from"]) / "tokenizer.json").exists():
+        raise LmsmithError(f"--init-from {opts['init_from']} has no tokenizer.json; pass --tokenizer DIR with the "
+                           "tokenizer the model was trained with")
     if opts["init_from"]:
         from ..checkpoint import read_config
 
@@ -244,9 +247,6 @@ def _check_inputs(opts: dict) -> None:
             raise LmsmithError(f"--seq-len {opts['seq_len']} is longer than the context of {opts['init_from']} "
                                f"({context}, max_position_embeddings in its config.json); use --seq-len "
                                f"{context} or less")
-    if opts["init_from"] and not opts["tokenizer"] and not (Path(opts["init_from"]) / "tokenizer.json").exists():
-        raise LmsmithError(f"--init-from {opts['init_from']} has no tokenizer.json; pass --tokenizer DIR with the "
-                           "tokenizer the model was trained with")
 
 
 def _tokenizer(opts: dict, out: Path, corpus):
