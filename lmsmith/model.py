@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kvcache import KVCache
+
+__all__ = ["KVCache", "Transformer", "build_model"]
 
 
 class RMSNorm(nn.Module):
@@ -72,36 +75,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-class KVCache:
-    """Preallocated keys/values for all layers: (L, B, K, max_len, Dh) each.
-
-    Every row of the batch shares one write position (`length`); prompts of
-    different lengths are left-padded and the padding masked by the caller.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.max_len = max_len or cfg.max_seq_len
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, K, T, Dh) at the current position; return all keys/values so far (B, K, S, Dh)."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions requested, {self.max_len} allocated")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (beam search reorders hypotheses every step)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -120,7 +93,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
-            if T == 1 and self.window is not None and k.shape[2] > self.window:  # only the last `window` keys
+            # Rows that end in the same column: only the last `window` keys (a ragged mask has the window).
+            if T == 1 and self.window is not None and not cache.ragged and k.shape[2] > self.window:
                 k, v = k[:, :, -self.window:], v[:, :, -self.window:]
                 mask = mask[..., -self.window:] if mask is not None else None
         S = k.shape[2]
@@ -253,23 +227,38 @@ class Transformer(nn.Module):
 
         Args:
             input_ids: (B, T) token ids, or give `inputs_embeds` (B, T, D) instead.
-            positions: (B, T) rotary positions; default `cache.length + arange(T)`.
+            positions: (B, T) rotary positions; default each row's cache columns
+                (`cache.lengths[b] + arange(T)`).
             attention_mask: (B, S) with 1 for real tokens and 0 for padding over all
                 keys (cached + new); None means no padding.
-            cache: a KVCache to read and extend (its length advances by T).
+            cache: a KVCache to read and extend (each row's length advances by T).
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
-        past = cache.length if cache is not None else 0
+        past = cache.begin(T) if cache is not None else [0] * B
         if positions is None:
-            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
+            if min(past) == max(past):
+                positions = torch.arange(past[0], past[0] + T, device=x.device).expand(B, T)
+            else:
+                positions = torch.tensor(past, device=x.device)[:, None] + torch.arange(T, device=x.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, _compute_dtype(x))
         mask = _attention_mask(attention_mask, B, T, past, x.device, self.config.attention_window)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.end(T)
         return self.model.norm(x)
+
+    def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> KVCache:
+        """An empty KVCache for this model: `max_len` tokens per row (default the context).
+
+        Wrappers that keep state in the cache (prompt tuning) override this; callers should
+        make caches here rather than with `KVCache(...)` directly.
+        """
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, dtype=dtype or w.dtype,
+                       device=device or w.device)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, last_only: bool = False, **kwargs) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with `last_only` (prefill needs only the last row).
@@ -310,19 +299,32 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
 
-def _attention_mask(attention_mask, B, T, past, device, window: int | None = None) -> torch.Tensor | None:
+def _attention_mask(attention_mask, B, T, past: list[int], device, window: int | None = None) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask for SDPA, or None when plain causal attention suffices.
 
-    Positions are cache columns, padding included, as in transformers (so is the sliding window).
+    `past` is each row's cache length before this forward. Positions are cache columns, padding
+    included, as in transformers (so is the sliding window). Rows of different lengths (ragged)
+    each get their own causal edge; columns past a row's end are hidden.
     """
-    S = past + T
+    S = max(past) + T
+    if min(past) == max(past):
+        if attention_mask is None:
+            return None  # plain causal: the attention applies it (with the offset of `past` cached keys)
+        mask = _causal_keep(T, S, window, device)[None, None]  # (1, 1, T, S)
+    else:
+        col = torch.arange(S, device=device)  # (S,)
+        query = torch.tensor(past, device=device)[:, None] + torch.arange(T, device=device)  # (B, T) columns
+        mask = col <= query[..., None]  # (B, T, S)
+        if window is not None:
+            mask &= col > query[..., None] - window
+        mask = mask[:, None]  # (B, 1, T, S)
     if attention_mask is None:
-        return None  # plain causal: the attention applies it (with the offset of `past` cached keys)
-    keys = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
-    mask = keys & _causal_keep(T, S, window, device)[None, None]
+        return mask
+    mask = attention_mask[:, None, None, :S].bool() & mask
     # A fully masked row (a padding query) would give NaN; let it see itself instead.
-    diag = torch.zeros(T, S, dtype=torch.bool, device=device)
-    diag[torch.arange(T), past + torch.arange(T)] = True
+    diag = torch.zeros(B, 1, T, S, dtype=torch.bool, device=device)
+    query = torch.tensor(past, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+    diag.scatter_(-1, query[:, None, :, None], True)
     return mask | (~mask.any(-1, keepdim=True) & diag)
 
 

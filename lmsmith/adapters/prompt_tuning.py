@@ -24,18 +24,14 @@ the input embedding and of the LM head; the base weights stay untouched and the 
 are saved beside the soft prompt under `lmsmith.*` keys (peft, which has no such
 option for prompt tuning, loads the soft prompt and ignores them).
 
-KV cache: the virtual tokens' keys/values are the same for every row (they attend
-only to each other), so the wrapper keeps them in a prefix in front of the caller's
-cache. At prefill it swaps the cache's buffers for ones n positions longer and
-leaves `cache.k` / `cache.v` as views of the real-token part, so the engine (which
-allocated the cache for the real tokens only) copies and reorders them as usual;
-a cache the wrapper has not seen (beam search copies prefill keys into a new one)
-gets the prefix recomputed, once.
+KV cache: the virtual tokens' keys/values are the same for every row and every
+request (they attend only to each other), so `make_cache` writes them once into the
+`floor` columns in front of every row; a forward with a cache then runs the real
+tokens only, whose positions (n + i) are their cache columns.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -253,40 +249,20 @@ class PromptTunedModel(nn.Module):
         k, v = self._shallow_kv(self.virtual_embeddings())
         return k.to(dtype), v.to(dtype)
 
-    @contextlib.contextmanager
-    def _with_prefix(self, cache):
-        """Make `cache` hold the n virtual positions in front for the duration of one call."""
-        if cache is None:
-            yield
-            return
-        n = self.n_virtual
-        state = getattr(cache, "_lmsmith_prompt_prefix", None)
-        ours = state is not None and state[0] is cache.k and state[1] is cache.v
-        if not ours:
-            L, B, K, M, Dh = cache.k.shape
-            big_k = cache.k.new_zeros(L, B, K, n + M, Dh)
-            big_v = cache.v.new_zeros(L, B, K, n + M, Dh)
-            if cache.length > 0 or self.prefix_kv is not None:
-                # Deep prompts, and a cache filled elsewhere (beam search copies prefill keys into a
-                # fresh one): put the virtual tokens' keys/values, identical for every row, in front.
-                pk, pv = self._prefix_kv(cache.k.dtype)
-                big_k[:, :, :, :n] = pk
-                big_v[:, :, :, :n] = pv
-                big_k[:, :, :, n:n + cache.length] = cache.k[:, :, :, :cache.length]
-                big_v[:, :, :, n:n + cache.length] = cache.v[:, :, :, :cache.length]
-            state = (big_k[:, :, :, n:], big_v[:, :, :, n:], big_k, big_v)
-            cache.k, cache.v = state[0], state[1]
-            cache._lmsmith_prompt_prefix = state
-        views = (cache.k, cache.v)
-        cache.k, cache.v = state[2], state[3]
-        cache.length += n
-        cache.max_len += n
-        try:
-            yield
-        finally:
-            cache.length -= n
-            cache.max_len -= n
-            cache.k, cache.v = views
+    def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None):
+        """A KVCache for `max_len` real tokens per row whose first n columns (its `floor`) hold the
+        virtual tokens' keys/values in every row, computed once here."""
+        from ..kvcache import KVCache
+
+        n, w = self.n_virtual, self.model.embed_tokens.weight
+        dtype = dtype or w.dtype
+        cache = KVCache(self.base.config, batch_size, (max_len or self.config.max_seq_len) + n, dtype=dtype,
+                        device=device or w.device, floor=n)
+        pk, pv = self._prefix_kv(dtype)  # (L, 1, K, n, Dh): the same for every row
+        cache.k[:, :, :, :n] = pk
+        cache.v[:, :, :, :n] = pv
+        return cache
 
     # ---- forward --------------------------------------------------------------------------
 
@@ -311,36 +287,29 @@ class PromptTunedModel(nn.Module):
         B, T, _ = x.shape
         n = self.n_virtual
         self.base.inv_freq = self.inv_freq
-        prefill = cache is None or cache.length == 0
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(B, n), attention_mask], dim=1)  # (B, n + S)
         if positions is not None:
             positions = positions + n
-        if self.prefix_kv is not None:
-            return self._deep_hidden_states(x, positions, attention_mask, cache)
-        if prefill:
-            prefix = self.virtual_embeddings().to(x.dtype)[None].expand(B, n, -1)  # (B, n, D)
-            x = torch.cat([prefix, x], dim=1)  # (B, n + T, D)
-            if positions is not None:
-                virt = torch.arange(n, device=positions.device, dtype=positions.dtype)[None].expand(B, n)
-                positions = torch.cat([virt, positions], dim=1)
-        if cache is not None and prefill:
-            # Allocate the prefix room; the forward below fills it with the virtual tokens.
-            cache.__dict__.pop("_lmsmith_prompt_prefix", None)
-        with self._with_prefix(cache):
-            if cache is not None and prefill:
-                cache.length -= n  # the virtual tokens are written by this very forward
-            h = self.base.hidden_states(inputs_embeds=x, positions=positions, attention_mask=attention_mask,
-                                        cache=cache)
-        return h[:, n:] if prefill else h
-
-    def _deep_hidden_states(self, x, positions, attention_mask, cache) -> torch.Tensor:
-        """Deep prompt: the real tokens (B, T, D) attend to trained keys/values in every layer."""
         if cache is not None:
-            with self._with_prefix(cache):  # the cache's first n positions hold prefix_kv
-                return self.base.hidden_states(inputs_embeds=x, positions=positions, attention_mask=attention_mask,
-                                               cache=cache)
-        # No cache (training, scoring): every layer attends to its prefix, then the new tokens.
+            if getattr(cache, "floor", None) != n:
+                raise LmsmithError(f"this cache has no room for the {n} virtual tokens; make it with "
+                                   f"model.make_cache(...)")
+            return self.base.hidden_states(inputs_embeds=x, positions=positions, attention_mask=attention_mask,
+                                           cache=cache)
+        if self.prefix_kv is not None:
+            return self._deep_hidden_states(x, positions, attention_mask)
+        prefix = self.virtual_embeddings().to(x.dtype)[None].expand(B, n, -1)  # (B, n, D)
+        x = torch.cat([prefix, x], dim=1)  # (B, n + T, D)
+        if positions is not None:
+            virt = torch.arange(n, device=positions.device, dtype=positions.dtype)[None].expand(B, n)
+            positions = torch.cat([virt, positions], dim=1)
+        h = self.base.hidden_states(inputs_embeds=x, positions=positions, attention_mask=attention_mask)
+        return h[:, n:]
+
+    def _deep_hidden_states(self, x, positions, attention_mask) -> torch.Tensor:
+        """Deep prompt without a cache (training, scoring): the real tokens (B, T, D) attend to the
+        trained keys/values in every layer, then to each other."""
         kv = self.prefix_kv.to(x.dtype)[:, :, None].expand(-1, -1, x.shape[0], -1, -1, -1)  # (L, 2, B, K, n, Dh)
         return self.base.hidden_states(inputs_embeds=x, positions=positions, attention_mask=attention_mask,
                                        cache=_PrefixKV(kv[:, 0], kv[:, 1]))
@@ -358,9 +327,16 @@ class _PrefixKV:
     (B, K, n, Dh) followed by the new ones. Concatenated, never written in place, so autograd
     reaches the prefix (a KVCache's shared buffer would be overwritten layer after layer)."""
 
+    ragged = False
+
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v  # (L, B, K, n, Dh)
-        self.length = k.shape[3]
+
+    def begin(self, T: int) -> list[int]:
+        return [self.k.shape[3]] * self.k.shape[1]
+
+    def end(self, T: int) -> None:
+        pass
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.cat([self.k[layer].to(k.dtype), k], dim=2), torch.cat([self.v[layer].to(v.dtype), v], dim=2))

@@ -16,11 +16,12 @@ import torch
 
 from ..errors import LmsmithError
 from .config import STRATEGIES, GenerationConfig
-from .engine import Completion, Event, generate_ids, model_device, stream_ids
+from .engine import Completion, Engine, Event, Request, generate_ids, model_device, stream_ids
 from .sampling import distribution
 
-__all__ = ["STRATEGIES", "Completion", "Event", "GenerationConfig", "distribution", "encode_prompt", "generate",
-           "generate_ids", "generate_stream", "next_token_probs", "resolve_config", "stream_ids"]
+__all__ = ["STRATEGIES", "Completion", "Engine", "Event", "GenerationConfig", "Request", "distribution", "encode_chat",
+           "encode_prompt", "generate", "generate_ids", "generate_stream", "next_token_probs", "resolve_config",
+           "stream_ids"]
 
 
 def resolve_config(tokenizer, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
@@ -43,6 +44,18 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     if not ids and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id]  # an empty prompt starts from bos (unconditional generation)
     return ids
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids for a conversation: the tokenizer's chat template with the generation prompt.
+
+    Templates of real models often write the bos token themselves; it is added only when the
+    tokenizer asks for it and the rendered text does not start with it.
+    """
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    add_bos = bool(getattr(tokenizer, "add_bos", False)) and not (bos and text.startswith(bos))
+    return tokenizer.encode(text, add_bos=add_bos)
 
 
 def _decoder(tokenizer):

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model import KVCache
 from . import sampling
 from .config import GenerationConfig
 from .engine import Completion, _left_pad, _precision_context, check_prompts, model_device
@@ -39,13 +38,6 @@ def _gather_beams(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     while index.dim() < tensor.dim():
         index = index.unsqueeze(-1)
     return torch.take_along_dim(tensor, index, dim=1)
-
-
-def _reorder_cache(cache: KVCache, index: torch.Tensor) -> None:
-    # In place and only over the filled prefix: the preallocated buffers stay (no full-size copy per step).
-    n = cache.length
-    cache.k[:, :, :, :n] = cache.k[:, :, :, :n].index_select(1, index)
-    cache.v[:, :, :, :n] = cache.v[:, :, :, :n].index_select(1, index)
 
 
 @torch.inference_mode()
@@ -127,7 +119,6 @@ def _penalise(log_probs: torch.Tensor, seqs: torch.Tensor, P: int, cur_len: int,
 
 
 def _search(model, prompts, config: GenerationConfig, P: int, max_new: int, device):
-    cfg = model.config
     B, nb = len(prompts), config.num_beams
     eos_ids = list(config.eos_ids or ())
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
@@ -152,13 +143,9 @@ def _search(model, prompts, config: GenerationConfig, P: int, max_new: int, devi
 
     # Prefill each prompt once, then copy its keys/values to its beams.
     dtype = next(model.parameters()).dtype
-    small = KVCache(cfg, B, max_len=P, dtype=dtype, device=device)
-    logits = model(ids, positions=positions, attention_mask=mask, cache=small, last_only=True)[:, -1].float()
-    cache = KVCache(cfg, B * nb, max_len=max_length, dtype=dtype, device=device)
-    cache.k[:, :, :, :P] = small.k.repeat_interleave(nb, dim=1)
-    cache.v[:, :, :, :P] = small.v.repeat_interleave(nb, dim=1)
-    cache.length = P
-    del small
+    cache = model.make_cache(B * nb, max_length, dtype=dtype, device=device)
+    logits = model(ids, positions=positions, attention_mask=mask, cache=cache.rows(0, B), last_only=True)[:, -1].float()
+    cache.reorder(torch.arange(B, device=device).repeat_interleave(nb))  # row b*nb + j: prompt b
     logits = logits.repeat_interleave(nb, dim=0)  # (B*nb, V)
     pad = torch.tensor([P - len(p) for p in prompts], device=device).repeat_interleave(nb)
     beam_mask = mask.repeat_interleave(nb, dim=0) if mask is not None else None
@@ -230,7 +217,7 @@ def _search(model, prompts, config: GenerationConfig, P: int, max_new: int, devi
 
         # a. forward the surviving beams' last tokens with their caches
         beam_idx = running_beam_indices[:, :, cur_len - 1 - P].reshape(-1).long()
-        _reorder_cache(cache, beam_idx)
+        cache.reorder(beam_idx)
         last = running_sequences[:, :, cur_len - 1].reshape(B * nb, 1)
         if beam_mask is None:
             logits = model(last, cache=cache)[:, -1].float()

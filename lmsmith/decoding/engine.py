@@ -1,34 +1,46 @@
-"""The generation engine, on token ids: prefill, decode with the KV cache, stop, stream.
+"""The generation engine on token ids: slots that share one KV cache, stepped by a scheduler.
 
-It knows nothing about tokenization. Text appears only through an optional
-`decode(ids) -> str` callback, needed for stop strings and text streaming.
+A fixed number of slots (`max_batch`) share one `KVCache` with a length per row. Requests
+arrive at any time (`submit`); each `step()` of the engine
 
-Batches: prompts of different lengths are LEFT-padded to the longest (P tokens),
-so every row's next token sits in the same column. Padding is hidden by an
-attention mask (B, S) (1 = real key) and each row gets explicit rotary positions
-(B, T) counting only its real tokens, so a row decodes exactly as it would alone.
-When no row is padded both are omitted and the model takes its fast path
-(plain causal attention, no mask tensor).
+  1. admits waiting requests into free slots (a slot whose cached tokens share a prefix
+     with the new prompt, such as the previous turn of a chat, keeps those keys/values),
+  2. runs ONE decode forward for every slot that is generating (one new token each),
+  3. prefills waiting prompts, at most `prefill_chunk` tokens per step, so a long prompt
+     never stalls the running slots for long,
+  4. chooses every slot's next token with its own settings and generator (`picker.py`),
+  5. ends the slots that finished (EOS, a stop string, their token budget, cancelled);
+     their slots take new requests at the next step (continuous batching).
 
-Limits: a sequence (prompt + new tokens) never exceeds the model's context
-`max_seq_len`. A row that reaches it stops with finish_reason "length" (as with
-`max_new_tokens`); a prompt longer than the context is an `LmsmithError`.
+Slots are rows of the cache kept compact: generating slots in rows [0, n) so the decode
+forward works on a view without copies; a finished slot's row keeps its tokens for
+prompt caching until another request takes it. The engine knows nothing about
+tokenization: text appears only through an optional `decode(ids) -> str` callback
+(stop strings, streamed text, JSON mode).
+
+`lmsmith.generate`, `generate_stream`, `generate_ids` and `stream_ids` run on this engine
+(every row a request); beam search has its own loop (`beam.py`). A sequence never
+exceeds the cache's length (the model's context by default): a request that reaches
+it ends with finish_reason "length"; a prompt longer than the context is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import LmsmithError
-from ..model import KVCache
-from . import sampling
 from .config import GenerationConfig
+from .detokenizer import Detokenizer
+from .picker import TokenPicker, pick
 
-FINISH_REASONS = ("eos", "stop", "length")
+FINISH_REASONS = ("eos", "stop", "length", "cancelled")
 
 
 @dataclass
@@ -38,8 +50,8 @@ class Completion:
     Attributes:
         ids: the new token ids, without the prompt and without the EOS token. For a stop string,
             up to and including the token that completed it.
-        finish_reason: "eos" (an end token), "stop" (a stop string), or "length" (max_new_tokens or
-            the context limit).
+        finish_reason: "eos" (an end token), "stop" (a stop string, or JSON mode's object closed),
+            or "length" (max_new_tokens or the context limit).
         text: the decoded new text, cut before the stop string (only when a decode callback was given).
         prompt_index: which prompt this continues (several per prompt with num_return_sequences).
         score: beam search's length-penalised log-probability (None for other strategies).
@@ -54,70 +66,312 @@ class Completion:
 
 @dataclass
 class Event:
-    """One streamed step of one row: a new token (and the text it made printable), or the row's end.
+    """One step of one request: a new token (and the text it made printable), or the request's end.
 
-    `token` is None on the final event of a row, which carries `finish_reason` and any text held back.
+    Attributes:
+        row: the request's id (`Engine.submit`'s return value; the row index in `stream_ids`).
+        token: the new token id; None on the request's final event (and on a prompt-logprobs event).
+        text: newly printable text (may be "").
+        finish_reason: set on the final event: "eos", "stop", "length" or "cancelled".
+        logprob: the token's log-probability under the model (raw logits, before penalties and
+            temperature), when the request asked for logprobs.
+        top_logprobs: the `Request.logprobs` most likely (token id, log-probability) of that step.
+        prompt_logprobs: once, right after prefill, for `Request.prompt_logprobs`: one entry per
+            prompt token (None for the first, which nothing predicts).
+        prompt_top_logprobs: with it, each prompt token's `Request.logprobs` alternatives (None first).
     """
 
     row: int
     token: int | None
     text: str = ""
     finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
-class Detokenizer:
-    """Incremental text for one row: what is safe to print after each token, and stop strings.
+@dataclass
+class Request:
+    """What a caller asks the engine for.
 
-    Decodes the whole output each step (simple and exact for byte-level BPE), and holds back
-    (a) trailing U+FFFD, an incomplete multi-byte character that the next token may finish, and
-    (b) a tail that could be the start of a stop string, so a stop string is never printed.
+    Attributes:
+        prompt: the prompt's token ids (at least one).
+        config: how to choose tokens and when to stop (`num_return_sequences` is the caller's
+            business: submit n requests; give each its own seed).
+        logprobs: report each new token's log-probability and this many alternatives (None: off).
+        prompt_logprobs: report the prompt tokens' log-probabilities (disables prompt caching).
+        json_object: constrain the output to one JSON object (needs the engine's decode callback).
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] | None = None):
-        self.decode = decode
-        self.stop = list(stop or [])
-        self._longest = max((len(s) for s in self.stop), default=0)
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0  # characters of `text` already handed out
-        self.stopped = False
-        self._searched = 0
+    prompt: list[int]
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    json_object: bool = False
 
-    def add(self, token: int) -> str:
-        """Append a token; return the newly printable text (may be "")."""
-        self.ids.append(token)
-        full = self.decode(self.ids)
-        if self.stop:
-            start = max(0, self._searched - self._longest)  # a stop string may straddle the old end
-            hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.stopped = True
-                self.text = full[:min(hits)]
-                return self.flush()
-            self._searched = len(full)
-        self.text = full
-        safe = len(full)
-        while safe > self.emitted and full[safe - 1] == "\ufffd":
-            safe -= 1
-        if self.stop:
-            safe = min(safe, self._stop_prefix_start(full))
-        piece = full[self.emitted:safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return piece
 
-    def flush(self) -> str:
-        """Everything not yet handed out (call when the row ends)."""
-        piece = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return piece
+class _Seq:
+    """A request in a slot: its tokens (cached, plus the one chosen last, not yet cached)."""
 
-    def _stop_prefix_start(self, full: str) -> int:
-        # The earliest start of a suffix of `full` that is a proper prefix of some stop string.
-        for k in range(min(self._longest - 1, len(full)), 0, -1):
-            tail = full[len(full) - k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return len(full) - k
-        return len(full)
+    def __init__(self, rid: int, req: Request, picker: TokenPicker, detok: Detokenizer | None, budget: int):
+        self.rid, self.req, self.picker, self.detok, self.budget = rid, req, picker, detok, budget
+        self.tokens = list(req.prompt)  # prompt + generated
+        self.cached = 0  # how many of `tokens` the cache row holds
+        self.out: list[int] = []
+        self.row = -1
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.req.prompt)
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots of one KV cache (see the module docstring).
+
+    Args:
+        model: a `Transformer` (or a wrapper with its interface and `make_cache`).
+        max_batch: slots, i.e. requests decoded together; the cache holds max_batch x max_len tokens.
+        max_len: tokens per slot, prompt + output (default and at most the model's context).
+        decode: ids -> text; needed for stop strings, JSON mode and `Event.text`.
+        precision: None/"fp32" or an `lmsmith.precision` policy for autocast.
+        prefill_chunk: prompt tokens prefilled per step (a request asking for prompt logprobs
+            is prefilled whole).
+
+    `submit` and `cancel` may be called from any thread; `step` from one thread at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_len: int | None = None,
+                 decode: Callable[[list[int]], str] | None = None, precision: str | None = None,
+                 prefill_chunk: int = 512):
+        if max_batch < 1:
+            raise LmsmithError(f"max_batch {max_batch} must be >= 1")
+        context = model.config.max_seq_len
+        self.model, self.max_batch = model, max_batch
+        self.max_len = min(max_len or context, context)
+        self.decode, self.precision, self.prefill_chunk = decode, precision, max(1, prefill_chunk)
+        self.device = model_device(model)
+        self.cache = model.make_cache(max_batch, self.max_len)
+        self.row_seq: list[_Seq | None] = [None] * max_batch
+        self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # a free row's cached tokens
+        self.active: list[_Seq] = []
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0}
+        self._waiting: deque[_Seq] = deque()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._token_text: dict[int, str | None] = {}
+
+    # ---- the caller's side ---------------------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """Raise LmsmithError if `req` cannot run here (what `submit` would refuse)."""
+        c = req.config
+        if c.strategy == "beam":
+            raise LmsmithError("beam search does not run in the slot engine; use generate_ids / generate")
+        if (c.stop or req.json_object) and self.decode is None:
+            raise LmsmithError("stop strings and JSON mode need a decode callback (ids -> text)")
+        if not req.prompt:
+            raise LmsmithError("the prompt is empty; generation needs at least one token")
+        if len(req.prompt) > self.max_len:
+            raise LmsmithError(f"the prompt has {len(req.prompt)} tokens, more than the context of "
+                               f"{self.max_len} tokens; shorten the prompt")
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise LmsmithError(f"logprobs {req.logprobs} must be between 0 and 20")
+
+    def submit(self, req: Request) -> int:
+        """Queue a request; return its id (the `row` of its events)."""
+        self.check(req)
+        req.prompt = [int(t) for t in req.prompt]
+        budget = min(req.config.max_new_tokens, self.max_len - len(req.prompt))
+        picker = TokenPicker(req.config, req.prompt, self.model.config.vocab_size, self.device,
+                             self._text_of if req.json_object else None)
+        detok = Detokenizer(self.decode, req.config.stop) if self.decode is not None else None
+        with self._lock:
+            seq = _Seq(next(self._ids), req, picker, detok, budget)
+            self._waiting.append(seq)
+        return seq.rid
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request (waiting or running); it ends with finish_reason "cancelled"."""
+        with self._lock:
+            self._cancelled.add(rid)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self._waiting)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def reset_running(self) -> list[int]:
+        """Drop every running request (after a step that raised); return their ids. Waiting ones stay."""
+        rids = [s.rid for s in self.active]
+        self.active = []
+        self.row_seq = [None] * self.max_batch
+        self.row_tokens = [[] for _ in range(self.max_batch)]  # nothing cached is trusted any more
+        return rids
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """Admit, decode one token for every generating slot, prefill, choose, finish."""
+        events: list[Event] = []
+        with torch.inference_mode(), _precision_context(self.precision, self.device):
+            self._drop_cancelled(events)
+            self._admit(events)
+            self._layout()
+            rows, logits = [], []
+            decoding = sorted((s for s in self.active if not s.prefilling), key=lambda s: s.row)
+            if decoding:
+                ids = torch.tensor([[s.tokens[s.cached]] for s in decoding], device=self.device)
+                logits.append(self.model(ids, cache=self.cache.rows(0, len(decoding)))[:, -1].float())
+                for s in decoding:
+                    s.cached += 1
+                rows += decoding
+            budget = self.prefill_chunk
+            for s in [s for s in self.active if s.prefilling]:
+                if budget <= 0:
+                    break
+                budget -= self._prefill(s, budget, rows, logits, events)
+            if rows:
+                self._choose(rows, torch.cat(logits), events)
+        return events
+
+    def _prefill(self, s: _Seq, budget: int, rows: list, logits: list, events: list[Event]) -> int:
+        """Feed the next chunk of s's prompt; when the prompt is all cached, queue its last logits."""
+        prompt = s.req.prompt
+        n = len(prompt) - s.cached if s.req.prompt_logprobs else min(len(prompt) - s.cached, budget)
+        ids = torch.tensor([prompt[s.cached:s.cached + n]], device=self.device)
+        out = self.model(ids, cache=self.cache.rows(s.row, s.row + 1), last_only=not s.req.prompt_logprobs)
+        out = out[0].float()  # (n or 1, V)
+        if s.req.prompt_logprobs:
+            lp = torch.log_softmax(out[:-1], dim=-1)  # row i predicts prompt token i + 1
+            chosen = [None] + lp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+            top = None
+            if s.req.logprobs:
+                v, i = torch.topk(lp, min(s.req.logprobs, lp.shape[-1]), dim=-1)
+                top = [None] + [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
+            events.append(Event(s.rid, None, prompt_logprobs=chosen, prompt_top_logprobs=top))
+        s.cached += n
+        if not s.prefilling:
+            rows.append(s)
+            logits.append(out[-1:])
+        return n
+
+    def _choose(self, rows: list[_Seq], logits: torch.Tensor, events: list[Event]) -> None:
+        for s in rows:
+            s.picker.room = s.budget - len(s.out)
+        tokens = pick(logits, [s.picker for s in rows])
+        lp = None
+        if any(s.req.logprobs is not None for s in rows):
+            lp = torch.log_softmax(logits, dim=-1)
+        for r, (s, tok) in enumerate(zip(rows, tokens)):
+            if tok < 0:  # JSON mode: no token can still close the object within the budget
+                self._finish(s, "length", events)
+                continue
+            logprob = top = None
+            if lp is not None and s.req.logprobs is not None:
+                logprob = float(lp[r, tok])
+                if s.req.logprobs > 0:
+                    v, i = torch.topk(lp[r], s.req.logprobs)
+                    top = list(zip(i.tolist(), v.tolist()))
+            self._advance(s, tok, logprob, top, events)
+
+    def _advance(self, s: _Seq, tok: int, logprob, top, events: list[Event]) -> None:
+        eos = s.req.config.eos_ids or ()
+        if tok in eos and s.picker.json is None:
+            self._finish(s, "eos", events)
+            return
+        s.out.append(tok)
+        s.tokens.append(tok)
+        s.picker.accept(tok)
+        self.stats["generated_tokens"] += 1
+        piece = s.detok.add(tok) if s.detok is not None else ""
+        events.append(Event(s.rid, tok, piece, logprob=logprob, top_logprobs=top))
+        if s.detok is not None and s.detok.stopped or s.picker.json is not None and s.picker.json.complete:
+            self._finish(s, "stop", events, flush=False)
+        elif len(s.out) >= s.budget:
+            self._finish(s, "length", events)
+
+    def _finish(self, s: _Seq, reason: str, events: list[Event], flush: bool = True) -> None:
+        text = s.detok.flush() if flush and s.detok is not None else ""
+        events.append(Event(s.rid, None, text, reason))
+        if s.row >= 0:
+            self.active.remove(s)
+            self.row_seq[s.row] = None
+            self.row_tokens[s.row] = s.tokens[:s.cached]
+
+    # ---- slots ---------------------------------------------------------------------------------
+
+    def _drop_cancelled(self, events: list[Event]) -> None:
+        with self._lock:
+            if not self._cancelled:
+                return
+            gone = self._cancelled
+            self._cancelled = set()
+            kept = [s for s in self._waiting if s.rid not in gone]
+            dropped = [s for s in self._waiting if s.rid in gone]
+            self._waiting = deque(kept)
+        for s in dropped + [s for s in self.active if s.rid in gone]:
+            self._finish(s, "cancelled", events, flush=False)
+
+    def _admit(self, events: list[Event]) -> None:
+        """Give waiting requests the free rows, each the one whose cached tokens it can reuse most."""
+        while len(self.active) < self.max_batch:
+            with self._lock:
+                if not self._waiting:
+                    return
+                s = self._waiting.popleft()
+            if s.budget <= 0:
+                self._finish(s, "length", events)
+                continue
+            prompt = s.req.prompt
+            limit = 0 if s.req.prompt_logprobs else len(prompt) - 1  # the last prompt token makes the logits
+            free = [r for r in range(self.max_batch) if self.row_seq[r] is None]
+            reuse, row = max((_common_prefix(self.row_tokens[r], prompt, limit), -r) for r in free)
+            row = -row
+            s.row, s.cached = row, reuse
+            self.row_seq[row] = s
+            self.row_tokens[row] = []
+            self.cache.truncate(row, reuse)
+            self.active.append(s)
+            self.stats["prompt_tokens"] += len(prompt)
+            self.stats["cached_prompt_tokens"] += reuse
+
+    def _layout(self) -> None:
+        """Move generating slots into rows [0, n) (one swap per slot out of place)."""
+        n = sum(not s.prefilling for s in self.active)
+        holes = [r for r in range(n) if self.row_seq[r] is None or self.row_seq[r].prefilling]
+        for s, hole in zip([s for s in self.active if not s.prefilling and s.row >= n], holes):
+            self._swap(s.row, hole)
+
+    def _swap(self, a: int, b: int) -> None:
+        self.cache.swap_rows(a, b)
+        self.row_seq[a], self.row_seq[b] = self.row_seq[b], self.row_seq[a]
+        self.row_tokens[a], self.row_tokens[b] = self.row_tokens[b], self.row_tokens[a]
+        for r in (a, b):
+            if self.row_seq[r] is not None:
+                self.row_seq[r].row = r
+
+    # ---- JSON mode -----------------------------------------------------------------------------
+
+    def _text_of(self, token: int) -> str | None:
+        """A token's own text, or None when it is not whole characters (JSON mode skips those)."""
+        if token not in self._token_text:
+            text = self.decode([token])
+            self._token_text[token] = None if "\ufffd" in text else text
+        return self._token_text[token]
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -178,11 +432,14 @@ def stream_ids(
     """Generate for a batch of prompts, yielding an `Event` per new token as it is produced.
 
     Greedy and sampling strategies only (beam search cannot stream: its best hypothesis is only
-    known at the end; use `generate_ids`). With `config.num_return_sequences = n` each prompt is
-    repeated n times: row r continues prompt r // n.
+    known at the end; use `generate_ids`). Every row is one request of an `Engine`, so a row
+    decodes exactly as it would alone. With `config.num_return_sequences = n` each prompt is
+    repeated n times: row r continues prompt r // n. With a seed s, row r draws with its own
+    generator seeded s + r: reproducible, different rows differ, and a row equals a solo run
+    seeded s + r.
 
     Args:
-        model: a `Transformer` (anything with `.config` and the same forward signature).
+        model: a `Transformer` (anything with `.config`, `make_cache` and the same forward signature).
         prompts: B lists of token ids (a single flat list is one prompt).
         config: the GenerationConfig; `config.eos_ids` must be set here (None means no EOS).
         decode: ids -> text, needed for `config.stop` and to fill `Event.text`.
@@ -195,107 +452,18 @@ def stream_ids(
         raise LmsmithError("beam search cannot stream; use generate_ids / generate")
     if config.stop and decode is None:
         raise LmsmithError("stop strings need a decode callback (ids -> text); pass decode=tokenizer.decode")
-    ctx = model.config.max_seq_len
-    prompts = check_prompts(prompts, ctx)
+    context = model.config.max_seq_len
+    prompts = check_prompts(prompts, context)
     n = config.num_return_sequences
     rows = [p for p in prompts for _ in range(n)]
-    with torch.inference_mode(), _precision_context(precision, model_device(model)):
-        yield from _decode_loop(model, rows, config, decode)
-
-
-def _decode_loop(model, rows: list[list[int]], config: GenerationConfig, decode) -> Iterator[Event]:
-    cfg = model.config
-    device = model_device(model)
-    B = len(rows)
-    lens = [len(p) for p in rows]
-    P = max(lens)
-    budget = [min(config.max_new_tokens, cfg.max_seq_len - n) for n in lens]
-    steps = max(budget)
-    detoks = [Detokenizer(decode, config.stop) for _ in rows] if decode is not None else None
-    if steps <= 0:
-        for i in range(B):
-            yield Event(i, None, "", "length")
-        return
-
-    eos = set(config.eos_ids or ())
-    ids, mask, positions = _left_pad(rows, P + steps, device)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, B, max_len=P + steps, dtype=dtype, device=device)
-    # Prefill: only the last position's logits are needed.
-    logits = model(ids, positions=positions, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
-    if mask is not None:
-        pos = torch.tensor(lens, device=device)[:, None]  # (B, 1) next rotary position, real tokens only
-
-    # Penalty state, kept incrementally so a step costs O(B * V), not O(B * length).
-    V = logits.shape[-1]
-    seen = counts = bans = None
-    if config.repetition_penalty != 1.0:
-        seen = torch.zeros(B, V, dtype=torch.bool, device=device)
-        for i, p in enumerate(rows):
-            seen[i, p] = True
-    if config.frequency_penalty != 0.0 or config.presence_penalty != 0.0:
-        counts = torch.zeros(B, V, dtype=torch.int32, device=device)
-    if config.no_repeat_ngram_size > 0:
-        bans = [sampling.NgramBans(p, config.no_repeat_ngram_size) for p in rows]
-    generator = None
-    if config.is_sampling:
-        generator = torch.Generator(device=device)
-        if config.seed is not None:
-            generator.manual_seed(config.seed)
-        else:
-            generator.seed()
-
-    done = [False] * B
-    out: list[list[int]] = [[] for _ in rows]
-    for _step in range(steps):
-        scores = logits
-        if seen is not None:
-            scores = sampling.apply_repetition_penalty(scores, seen, config.repetition_penalty)
-        if counts is not None:
-            scores = sampling.apply_frequency_presence_penalty(scores, counts, config.frequency_penalty,
-                                                               config.presence_penalty)
-        if bans is not None:
-            scores = sampling.ban_tokens_(scores.clone() if scores is logits else scores,
-                                          [b.banned() for b in bans])
-        if config.is_sampling:
-            probs = sampling.warp(scores, config).softmax(dim=-1)
-            next_tokens = sampling.sample(probs, generator)
-        else:
-            next_tokens = sampling.greedy(scores)
-        toks = next_tokens.tolist()
-        for i, tok in enumerate(toks):
-            if done[i]:
-                continue
-            if tok in eos:
-                done[i] = True
-                yield Event(i, None, detoks[i].flush() if detoks else "", "eos")
-                continue
-            out[i].append(tok)
-            piece = detoks[i].add(tok) if detoks else ""
-            if detoks and detoks[i].stopped:
-                done[i] = True
-                yield Event(i, tok, piece, None)
-                yield Event(i, None, "", "stop")
-                continue
-            yield Event(i, tok, piece, None)
-            if len(out[i]) >= budget[i]:
-                done[i] = True
-                yield Event(i, None, detoks[i].flush() if detoks else "", "length")
-                continue
-            if seen is not None:
-                seen[i, tok] = True
-            if counts is not None:
-                counts[i, tok] += 1
-            if bans is not None:
-                bans[i].append(tok)
-        if all(done):
-            return
-        # Finished rows keep decoding (their tokens are ignored) so the batch shape never changes.
-        if mask is None:
-            logits = model(next_tokens[:, None], cache=cache)[:, -1].float()
-        else:
-            logits = model(next_tokens[:, None], positions=pos, attention_mask=mask, cache=cache)[:, -1].float()
-            pos += 1
+    longest = max(len(p) + min(config.max_new_tokens, context - len(p)) for p in rows)
+    engine = Engine(model, max_batch=len(rows), max_len=max(1, longest), decode=decode, precision=precision,
+                    prefill_chunk=sum(len(p) for p in rows))  # offline: prefill everything in the first step
+    for r, p in enumerate(rows):
+        seed = None if config.seed is None else config.seed + r
+        engine.submit(Request(p, config.replace(num_return_sequences=1, seed=seed)))
+    while engine.busy:
+        yield from engine.step()
 
 
 def generate_ids(

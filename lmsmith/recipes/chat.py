@@ -74,19 +74,13 @@ def run(args) -> int:
         history.append({"role": "assistant", "content": "".join(pieces)})
 
 
-def _encode_chat(tokenizer, messages) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    bos = getattr(tokenizer, "bos_token", None)
-    # Templates of real models often write the bos token themselves; add it only if asked and absent.
-    add_bos = bool(getattr(tokenizer, "add_bos", False)) and not (bos and text.startswith(bos))
-    return tokenizer.encode(text, add_bos=add_bos)
-
-
 def _fit(tokenizer, system, history, ctx, max_new):
     """Prompt ids for system + history, dropping the oldest turns until a reply of max_new tokens fits."""
+    from ..decoding import encode_chat
+
     room = max(1, ctx - min(max_new, ctx // 2))  # keep at least half the context for the reply's budget
     while True:
-        ids = _encode_chat(tokenizer, system + history)
+        ids = encode_chat(tokenizer, system + history)
         if len(ids) <= room:
             return ids, history
         if len(history) <= 1:

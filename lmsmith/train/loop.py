@@ -231,42 +231,25 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, tempera
                 seed: int | None = None) -> str:
     """Continue `prompt` with greedy (temperature 0) or temperature sampling, using the KV cache.
 
-    A small helper for progress samples; the generation engine proper lives elsewhere.
+    Progress samples during training, on the generation engine (`decoding.engine`).
     """
-    from ..model import KVCache
+    from ..decoding.config import GenerationConfig
+    from ..decoding.engine import generate_ids
 
     # A document starts after bos for models that use one, else after the eos separator.
     bos = getattr(tokenizer, "bos_id", None) if getattr(tokenizer, "add_bos", False) else None
     start = bos if bos is not None else getattr(tokenizer, "eos_id", None)
     ids = ([start] if start is not None else []) + (tokenizer.encode(prompt) if prompt else [])
-    if not ids:
-        ids = [0]
-    device = next(model.parameters()).device
-    cfg = model.config
-    max_len = min(cfg.max_seq_len, len(ids) + max_new_tokens)
-    ids = ids[-(max_len - max_new_tokens):] if max_len > max_new_tokens else ids[-1:]
-    max_new_tokens = min(max_new_tokens, max_len - len(ids))
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, 1, max_len, dtype=dtype, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos = set(getattr(tokenizer, "eos_ids", None) or [])
+    ids = ids or [0]
+    context = model.config.max_seq_len
+    ids = ids[-max(1, context - max_new_tokens):]  # room for the new tokens
+    config = GenerationConfig(strategy="sample" if temperature > 0 else "greedy", temperature=temperature,
+                              max_new_tokens=max_new_tokens, seed=seed,
+                              eos_ids=list(getattr(tokenizer, "eos_ids", None) or []))
     was_training = model.training
     model.eval()
     try:
-        logits = model(torch.tensor([ids], device=device), cache=cache, last_only=True)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            last = logits[0, -1].float()
-            if temperature > 0:
-                tok = int(torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=gen))
-            else:
-                tok = int(last.argmax())
-            if tok in eos:
-                break
-            out.append(tok)
-            if len(out) == max_new_tokens:
-                break
-            logits = model(torch.tensor([[tok]], device=device), cache=cache)
+        out = generate_ids(model, [ids], config)[0].ids
     finally:
         model.train(was_training)
     return prompt + tokenizer.decode(out)
