@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune", "fine-tune on instruction or preference data: full, LoRA, prompt or prefix; SFT or DPO"),
     "merge": ("merge", "fold a LoRA adapter into the base weights"),
     "quantize": ("quantize", "quantize to f16/bf16/int8 or GGUF (Q8_0, Q4_K_M, Q3_K_M, ...); the quality table"),
+    "serve": ("serve", "an OpenAI-compatible server (continuous batching) with a web chat page"),
 }
 
 

@@ -1,0 +1,75 @@
+"""The server's counters, gauges and histograms, written in Prometheus' text format (`GET /metrics`)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+# Seconds: time to first token and per-token latency on CPU span milliseconds to tens of seconds.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    def __init__(self, buckets=BUCKETS):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        return out + [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """Thread-safe counters; `gauges` are read when the page is rendered (queue, running slots)."""
+
+    def __init__(self, gauges: dict[str, tuple[str, Callable[[], float]]]):
+        self._lock = threading.Lock()
+        self.gauges = gauges
+        self.requests: dict[str, int] = {}  # finish reason (or "error") -> count
+        self.prompt_tokens = self.generated_tokens = self.cached_prompt_tokens = 0
+        self.ttft = Histogram()
+        self.tpot = Histogram()
+
+    def finished(self, reason: str) -> None:
+        with self._lock:
+            self.requests[reason] = self.requests.get(reason, 0) + 1
+
+    def tokens(self, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
+        with self._lock:
+            self.prompt_tokens += prompt
+            self.generated_tokens += generated
+            self.cached_prompt_tokens += cached
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft.observe(seconds)
+
+    def per_token(self, seconds: float) -> None:
+        with self._lock:
+            self.tpot.observe(seconds)
+
+    def render(self) -> str:
+        with self._lock:
+            lines = ["# HELP lmsmith_requests_total Finished requests (choices) by finish reason.",
+                     "# TYPE lmsmith_requests_total counter"]
+            lines += [f'lmsmith_requests_total{{finish_reason="{k}"}} {v}' for k, v in sorted(self.requests.items())]
+            for name, value, text in (
+                    ("lmsmith_prompt_tokens_total", self.prompt_tokens, "Prompt tokens received."),
+                    ("lmsmith_cached_prompt_tokens_total", self.cached_prompt_tokens,
+                     "Prompt tokens whose keys/values were reused from a slot's cache."),
+                    ("lmsmith_generation_tokens_total", self.generated_tokens, "Tokens generated.")):
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {value}"]
+            for name, (text, read) in self.gauges.items():
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {read()}"]
+            for name, h, text in (("lmsmith_time_to_first_token_seconds", self.ttft, "Time to first token."),
+                                  ("lmsmith_time_per_output_token_seconds", self.tpot,
+                                   "Time between consecutive tokens of a request.")):
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"] + h.lines(name)
+        return "\n".join(lines) + "\n"
