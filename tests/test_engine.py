@@ -275,3 +275,22 @@ def test_json_mode_output_is_one_json_object():
         assert events[-1].finish_reason == "stop" and len(_tokens(events)) <= config.max_new_tokens
         texts.append(text)
     assert len(set(texts)) == 3
+
+
+def test_a_request_that_fails_fails_alone(model):
+    """A request whose own work raises (here its text cannot be decoded) ends with "error"; the request
+    batched with it gets its solo tokens, and the engine keeps serving."""
+    a, b = _prompt(6, 11), _prompt(9, 12)
+    bad = _solo(model, a, _greedy(8))[2]
+
+    def decode(ids):
+        if len(ids) >= 3 and ids[2] == bad:
+            raise ValueError("cannot decode")
+        return "x" * len(ids)
+
+    engine = Engine(model, max_batch=2, decode=decode)
+    got = _run(engine, [Request(a, _greedy(8)), Request(b, _greedy(8))])
+    assert got[0][-1].finish_reason == "error" and "cannot decode" in got[0][-1].text
+    assert _solo(model, b, _greedy(8))[2] != bad  # (so b itself decodes fine)
+    assert _tokens(got[1]) == _solo(model, b, _greedy(8))
+    assert _tokens(next(iter(_run(engine, [Request(b, _greedy(4))]).values()))) == _solo(model, b, _greedy(4))

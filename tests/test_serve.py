@@ -304,6 +304,7 @@ def test_16_concurrent_streams_each_get_their_solo_output(server, local):
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
+    steps, rows = (_metric(server.url, f"lmsmith_decode_{k}_total") for k in ("steps", "rows"))
     threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
@@ -311,6 +312,8 @@ def test_16_concurrent_streams_each_get_their_solo_output(server, local):
         t.join(timeout=300)
     assert not errors, errors
     assert got == want
+    steps, rows = (_metric(server.url, f"lmsmith_decode_{k}_total") - v for k, v in (("steps", steps), ("rows", rows)))
+    assert rows / steps > 4  # decoded together, not one after another
 
 
 def _metric(url: str, name: str) -> float:
@@ -377,3 +380,62 @@ def test_binding_everywhere_without_a_key_warns(model_dir):
         _, err = proc.communicate(timeout=30)
     assert "without an API key" in err and "Traceback" not in err
     assert proc.returncode in (0, 130)
+
+
+def _format(kind: str, model_dir, tmp):
+    """(model path, adapter path or None) of the tiny model in another format or with an adapter."""
+    from lmsmith.adapters.lora import LoraConfig, apply_lora, save_lora
+    from lmsmith.adapters.prompt_tuning import PromptTuningConfig, apply_prompt_tuning, save_prompt_tuning
+    from lmsmith.loader import load
+
+    m, tok = load(model_dir)
+    torch.manual_seed(0)
+    if kind == "gguf":
+        from lmsmith.quant.gguf import export_gguf
+
+        export_gguf(m, tok, tmp / "m.gguf", "q8_0", progress=False)
+        return tmp / "m.gguf", None
+    if kind == "int8":
+        from lmsmith.quant.int8 import save_int8
+
+        return save_int8(m, tok, tmp / "int8"), None
+    if kind == "lora":
+        config = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+        for p in apply_lora(m, config):
+            torch.nn.init.normal_(p, std=0.5)  # a trained-looking update, so the adapter changes the output
+        return model_dir, save_lora(m, config, tmp / "lora")
+    wrapped = apply_prompt_tuning(m, PromptTuningConfig(n_virtual_tokens=4, deep=kind == "prefix"))
+    with torch.no_grad():
+        for p in wrapped.prompt_parameters():
+            p.normal_(std=2.0)
+    return model_dir, save_prompt_tuning(wrapped, tmp / kind)
+
+
+@pytest.mark.parametrize("kind", ["gguf", "int8", "lora", "prompt", "prefix"])
+def test_every_format_and_adapter_serves_its_own_greedy_output(kind, model_dir, tmp_path, local):
+    from lmsmith.adapters import load_adapter
+    from lmsmith.decoding.layout import use_decode_layout
+    from lmsmith.loader import load
+
+    path, adapter = _format(kind, model_dir, tmp_path)
+    m, tok = load(path)
+    if adapter is not None:
+        m = load_adapter(m, adapter, tok)
+    m = use_decode_layout(m)
+    s = Server(path, *(["--adapter", str(adapter)] if adapter else []))
+    try:
+        c = s.client()
+        prompts = ["The cat sat on the", "def", "In the", "x = ["]
+        got = [c.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text
+               for p in prompts]
+        assert got == [generate(m, tok, p, max_new_tokens=10) for p in prompts], kind
+        if adapter is not None:  # the adapter is applied: the base gives another distribution
+            lp = c.completions.create(model="tiny", prompt="def", max_tokens=1, temperature=0, logprobs=1)
+            with torch.no_grad():
+                base = torch.log_softmax(local[0](torch.tensor([tok.encode("def")]))[0, -1].float(), -1)
+            first = lp.choices[0].logprobs
+            assert abs(first.token_logprobs[0] - float(base[tok.encode(first.tokens[0])[0]])) > 1e-4
+        turn = [{"role": "user", "content": "hi"}]  # the chat path through the same model
+        assert c.chat.completions.create(model="tiny", messages=turn, max_tokens=4, temperature=0).choices
+    finally:
+        s.stop()

@@ -40,7 +40,7 @@ from .config import GenerationConfig
 from .detokenizer import Detokenizer
 from .picker import TokenPicker, pick
 
-FINISH_REASONS = ("eos", "stop", "length", "cancelled")
+FINISH_REASONS = ("eos", "stop", "length", "cancelled", "error")
 
 
 @dataclass
@@ -72,7 +72,8 @@ class Event:
         row: the request's id (`Engine.submit`'s return value; the row index in `stream_ids`).
         token: the new token id; None on the request's final event (and on a prompt-logprobs event).
         text: newly printable text (may be "").
-        finish_reason: set on the final event: "eos", "stop", "length" or "cancelled".
+        finish_reason: set on the final event: "eos", "stop", "length", "cancelled", or "error" (this
+            request's own work raised; `text` is the message, the engine and other requests go on).
         logprob: the token's log-probability under the model (raw logits, before penalties and
             temperature), when the request asked for logprobs.
         top_logprobs: the `Request.logprobs` most likely (token id, log-probability) of that step.
@@ -155,7 +156,9 @@ class Engine:
         self.row_seq: list[_Seq | None] = [None] * max_batch
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # a free row's cached tokens
         self.active: list[_Seq] = []
-        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0}
+        # counters for metrics: decode_rows / decode_steps is the average decode batch
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
+                      "decode_rows": 0}
         self._waiting: deque[_Seq] = deque()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
@@ -230,11 +233,16 @@ class Engine:
                 for s in decoding:
                     s.cached += 1
                 rows += decoding
+                self.stats["decode_steps"] += 1
+                self.stats["decode_rows"] += len(decoding)
             budget = self.prefill_chunk
             for s in [s for s in self.active if s.prefilling]:
                 if budget <= 0:
                     break
-                budget -= self._prefill(s, budget, rows, logits, events)
+                try:
+                    budget -= self._prefill(s, budget, rows, logits, events)
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    self._fail(s, e, events)
             if rows:
                 self._choose(rows, torch.cat(logits), events)
         return events
@@ -263,11 +271,16 @@ class Engine:
     def _choose(self, rows: list[_Seq], logits: torch.Tensor, events: list[Event]) -> None:
         for s in rows:
             s.picker.room = s.budget - len(s.out)
-        tokens = pick(logits, [s.picker for s in rows])
+        try:
+            tokens: list[int | None] = pick(logits, [s.picker for s in rows])
+        except Exception:  # noqa: BLE001 - find the failing request(s): rows are independent
+            tokens = [self._pick_one(logits[r:r + 1], s, events) for r, s in enumerate(rows)]
         lp = None
         if any(s.req.logprobs is not None for s in rows):
             lp = torch.log_softmax(logits, dim=-1)
         for r, (s, tok) in enumerate(zip(rows, tokens)):
+            if tok is None:  # failed in _pick_one
+                continue
             if tok < 0:  # JSON mode: no token can still close the object within the budget
                 self._finish(s, "length", events)
                 continue
@@ -277,7 +290,25 @@ class Engine:
                 if s.req.logprobs > 0:
                     v, i = torch.topk(lp[r], s.req.logprobs)
                     top = list(zip(i.tolist(), v.tolist()))
-            self._advance(s, tok, logprob, top, events)
+            try:
+                self._advance(s, tok, logprob, top, events)
+            except Exception as e:  # noqa: BLE001 - e.g. the decode callback; this request only
+                self._fail(s, e, events)
+
+    def _pick_one(self, logits: torch.Tensor, s: _Seq, events: list[Event]) -> int | None:
+        try:
+            return pick(logits, [s.picker])[0]
+        except Exception as e:  # noqa: BLE001
+            self._fail(s, e, events)
+            return None
+
+    def _fail(self, s: _Seq, error: Exception, events: list[Event]) -> None:
+        """End a request whose own work raised: finish_reason "error", the message as its text."""
+        if s in self.active:
+            self.active.remove(s)
+            self.row_seq[s.row] = None
+            self.row_tokens[s.row] = []  # its cache row may be half written
+        events.append(Event(s.rid, None, f"{type(error).__name__}: {error}", "error"))
 
     def _advance(self, s: _Seq, tok: int, logprob, top, events: list[Event]) -> None:
         eos = s.req.config.eos_ids or ()

@@ -9,6 +9,17 @@ from collections.abc import Callable
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+# (metric, engine stats key, help)
+COUNTERS = (
+    ("lmsmith_prompt_tokens_total", "prompt_tokens", "Prompt tokens admitted."),
+    ("lmsmith_cached_prompt_tokens_total", "cached_prompt_tokens",
+     "Prompt tokens whose keys/values were reused from a slot's cache (prompt caching)."),
+    ("lmsmith_generation_tokens_total", "generated_tokens", "Tokens generated."),
+    ("lmsmith_decode_steps_total", "decode_steps", "Batched decode forwards."),
+    ("lmsmith_decode_rows_total", "decode_rows", "Rows of all decode forwards (/ steps = the average batch)."),
+)
+
+
 class Histogram:
     def __init__(self, buckets=BUCKETS):
         self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
@@ -29,23 +40,17 @@ class Histogram:
 class Metrics:
     """Thread-safe counters; `gauges` are read when the page is rendered (queue, running slots)."""
 
-    def __init__(self, gauges: dict[str, tuple[str, Callable[[], float]]]):
+    def __init__(self, gauges: dict[str, tuple[str, Callable[[], float]]], stats: dict[str, int]):
         self._lock = threading.Lock()
         self.gauges = gauges
+        self.stats = stats  # the engine's counters, read as they are
         self.requests: dict[str, int] = {}  # finish reason (or "error") -> count
-        self.prompt_tokens = self.generated_tokens = self.cached_prompt_tokens = 0
         self.ttft = Histogram()
         self.tpot = Histogram()
 
     def finished(self, reason: str) -> None:
         with self._lock:
             self.requests[reason] = self.requests.get(reason, 0) + 1
-
-    def tokens(self, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
-        with self._lock:
-            self.prompt_tokens += prompt
-            self.generated_tokens += generated
-            self.cached_prompt_tokens += cached
 
     def first_token(self, seconds: float) -> None:
         with self._lock:
@@ -60,12 +65,8 @@ class Metrics:
             lines = ["# HELP lmsmith_requests_total Finished requests (choices) by finish reason.",
                      "# TYPE lmsmith_requests_total counter"]
             lines += [f'lmsmith_requests_total{{finish_reason="{k}"}} {v}' for k, v in sorted(self.requests.items())]
-            for name, value, text in (
-                    ("lmsmith_prompt_tokens_total", self.prompt_tokens, "Prompt tokens received."),
-                    ("lmsmith_cached_prompt_tokens_total", self.cached_prompt_tokens,
-                     "Prompt tokens whose keys/values were reused from a slot's cache."),
-                    ("lmsmith_generation_tokens_total", self.generated_tokens, "Tokens generated.")):
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {value}"]
+            for name, key, text in COUNTERS:
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {self.stats[key]}"]
             for name, (text, read) in self.gauges.items():
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {read()}"]
             for name, h, text in (("lmsmith_time_to_first_token_seconds", self.ttft, "Time to first token."),

@@ -106,7 +106,8 @@ def check_model(body: dict, served: str) -> None:
 
 def sampling_configs(body: dict, n: int, max_tokens: int, eos_ids: list[int]) -> list[GenerationConfig]:
     """One GenerationConfig per choice from OpenAI's sampling fields and the extra ones
-    (`top_k`, `min_p`, `repetition_penalty`). Temperature 0 is greedy; choice j gets seed + j."""
+    (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`). Temperature 0 is greedy; choice j
+    gets seed + j."""
     temperature = _number(body, "temperature", 1.0, lo=0, hi=2)
     top_p = _number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
     top_k = _number(body, "top_k", None, integer=True)
@@ -117,6 +118,8 @@ def sampling_configs(body: dict, n: int, max_tokens: int, eos_ids: list[int]) ->
     freq = _number(body, "frequency_penalty", 0.0, lo=-2, hi=2)
     pres = _number(body, "presence_penalty", 0.0, lo=-2, hi=2)
     seed = _number(body, "seed", None, integer=True)
+    if _flag(body, "ignore_eos"):  # vLLM's and llama.cpp's extra field: exactly max_tokens (benchmarks)
+        eos_ids = []
     greedy = temperature == 0
     if greedy and n > 1:
         raise ApiError("'n' > 1 needs sampling: greedy decoding (temperature 0) gives n identical choices",

@@ -29,7 +29,6 @@ class _Sub:
         self.loop, self.queue = loop, queue
         self.start = time.perf_counter()
         self.last: float | None = None
-        self.generated = 0
 
 
 class Worker:
@@ -41,7 +40,7 @@ class Worker:
             "lmsmith_queue_length": ("Requests waiting for a slot.", lambda: self.engine.waiting),
             "lmsmith_running_slots": ("Slots decoding or prefilling.", lambda: len(self.engine.active)),
             "lmsmith_slots": ("Slots (--max-batch).", lambda: self.engine.max_batch),
-        })
+        }, engine.stats)
         self._subs: dict[int, _Sub] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -88,16 +87,12 @@ class Worker:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            cached = self.engine.stats["cached_prompt_tokens"]
-            prompt = self.engine.stats["prompt_tokens"]
             try:
                 events = self.engine.step()
             except Exception as e:  # noqa: BLE001 - one bad step must not end the server
                 log.exception("engine step failed")
                 self._fail_running(e)
                 continue
-            self.metrics.tokens(prompt=self.engine.stats["prompt_tokens"] - prompt,
-                                cached=self.engine.stats["cached_prompt_tokens"] - cached)
             self._deliver(events)
 
     def _deliver(self, events: list[Event]) -> None:
@@ -110,9 +105,10 @@ class Worker:
                     self._subs.pop(ev.row, None)
                 if sub is None:
                     continue
+                if ev.finish_reason == "error":
+                    sub.loop.call_soon_threadsafe(sub.queue.put_nowait, (ev.row, RuntimeError(ev.text)))
+                    continue
                 if ev.token is not None:
-                    sub.generated += 1
-                    self.metrics.tokens(generated=1)
                     if sub.last is None:
                         self.metrics.first_token(now - sub.start)
                     else:
