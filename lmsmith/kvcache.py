@@ -44,6 +44,7 @@ class KVCache:
         self.floor = floor
         self.ragged = False
         self._past: list[int] = []
+        self._flat: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -70,6 +71,7 @@ class KVCache:
             raise ValueError(f"KV cache is full: {max(past) + T} positions requested, {self.max_len} allocated")
         self._past = past
         self.ragged = min(past) != max(past)
+        self._flat = None  # update's write offsets for this forward, computed once
         return past
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +84,14 @@ class KVCache:
         if not self.ragged:
             self.k[layer, :, :, past[0]:end] = k
             self.v[layer, :, :, past[0]:end] = v
-        elif T == 1:  # decoding: one indexed write for all rows
-            rows = torch.arange(len(past), device=k.device)
-            cols = torch.tensor(past, device=k.device)
-            self.k[layer][rows, :, cols] = k[:, :, 0]
-            self.v[layer][rows, :, cols] = v[:, :, 0]
+        elif T == 1:  # decoding: one index_copy per tensor into the layer's (B*K*max_len, Dh) view
+            if self._flat is None or self._flat.device != k.device:
+                B, K, M = len(past), k.shape[1], self.max_len
+                base = (torch.arange(B)[:, None] * K + torch.arange(K)[None, :]) * M  # (B, K) row starts
+                self._flat = (base + torch.tensor(past)[:, None]).reshape(-1).to(k.device)  # (B*K,)
+            Dh = k.shape[-1]
+            self.k[layer].view(-1, Dh).index_copy_(0, self._flat, k.reshape(-1, Dh))
+            self.v[layer].view(-1, Dh).index_copy_(0, self._flat, v.reshape(-1, Dh))
         else:
             for b, p in enumerate(past):
                 self.k[layer, b, :, p:p + T] = k[b]
@@ -102,7 +107,7 @@ class KVCache:
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows [start, stop) that shares this one's storage and lengths."""
         view = object.__new__(KVCache)
-        view.max_len, view.floor, view.ragged, view._past = self.max_len, self.floor, False, []
+        view.max_len, view.floor, view.ragged, view._past, view._flat = self.max_len, self.floor, False, [], None
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
         view.lengths = self.lengths[start:stop]
         return view
@@ -118,9 +123,10 @@ class KVCache:
         if a == b:
             return
         n = int(max(self.lengths[a], self.lengths[b]))
-        idx = torch.tensor([b, a], device=self.k.device)
         for t in (self.k, self.v):
-            t[:, [a, b], :, :n] = t[:, :, :, :n].index_select(1, idx)
+            tmp = t[:, a, :, :n].clone()
+            t[:, a, :, :n] = t[:, b, :, :n]
+            t[:, b, :, :n] = tmp
         self.lengths[[a, b]] = self.lengths[[b, a]]
 
     def reorder(self, index: torch.Tensor) -> None:

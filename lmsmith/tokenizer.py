@@ -105,6 +105,7 @@ class Tokenizer:
         # The tokenizer_config.json we were loaded with: saved back with our fields updated, so keys we
         # do not understand (add_bos_token, processor_class, ...) survive a load/save round trip.
         self._config = dict(config or {})
+        self._post_adds_bos: bool | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -358,13 +359,13 @@ class Tokenizer:
             return False
         if "add_bos_token" in self._config:
             return bool(self._config["add_bos_token"])
-        post = json.loads(self.backend.to_str()).get("post_processor") or {}
-        steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
-        for step in steps:
-            single = step.get("single") if step.get("type") == "TemplateProcessing" else None
-            if single and single[0].get("SpecialToken", {}).get("id") == self.bos_token:
-                return True
-        return False
+        if self._post_adds_bos is None:  # parsing the whole tokenizer.json costs ms: once (every prompt asks)
+            post = json.loads(self.backend.to_str()).get("post_processor") or {}
+            steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+            self._post_adds_bos = any(
+                (single := step.get("single") if step.get("type") == "TemplateProcessing" else None)
+                and single[0].get("SpecialToken", {}).get("id") == self.bos_token for step in steps)
+        return self._post_adds_bos
 
     @property
     def hash(self) -> str:

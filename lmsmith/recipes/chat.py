@@ -2,7 +2,8 @@
 
 Each turn renders the whole conversation with the tokenizer's chat template
 (`apply_chat_template(..., add_generation_prompt=True)`), generates the reply
-streaming, and adds it to the history. `/reset` starts over (keeping --system),
+streaming, and adds it to the history; the engine's one slot keeps the previous
+turns' keys/values, so a turn prefills only what is new. `/reset` starts over (keeping --system),
 `/exit`, end of input (Ctrl-D) or Ctrl-C leave. When the conversation outgrows
 the context, the oldest turns are dropped.
 """
@@ -24,7 +25,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..decoding import resolve_config, stream_ids
+    from ..decoding import Engine, Request, resolve_config
     from ..errors import LmsmithError
     from .generate import config_from_args, load_for_generation, precision_of
 
@@ -37,6 +38,9 @@ def run(args) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     decode = lambda x: tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
+    # One slot kept across turns: each turn's prompt starts with the last one's tokens, whose
+    # keys/values the engine reuses (prompt caching), so only the new message is prefilled.
+    engine = Engine(model, max_batch=1, decode=decode, precision=precision_of(args))
     print("chat: /reset to start over, /exit to leave", file=sys.stderr)
     while True:
         try:
@@ -62,14 +66,17 @@ def run(args) -> int:
         sys.stdout.write("assistant> ")
         sys.stdout.flush()
         pieces = []
+        rid = engine.submit(Request(ids, config))
         try:
-            for ev in stream_ids(model, [ids], config, decode=decode, precision=precision_of(args)):
-                if ev.text:
-                    pieces.append(ev.text)
-                    sys.stdout.write(ev.text)
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            pass  # Ctrl-C stops this reply; keep what was said
+            while engine.busy:
+                for ev in engine.step():
+                    if ev.text:
+                        pieces.append(ev.text)
+                        sys.stdout.write(ev.text)
+                        sys.stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; keep what was said
+            engine.cancel(rid)
+            engine.step()
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(pieces)})
 

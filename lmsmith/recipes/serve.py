@@ -52,9 +52,13 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
+    import threading
+    import time
+
     import uvicorn
 
     from ..decoding.engine import Engine
+    from ..errors import LmsmithError
     from ..memory import human_bytes
     from ..serve.app import Served, create_app
     from ..serve.worker import Worker
@@ -73,14 +77,24 @@ def run(args) -> int:
     worker = Worker(engine, max_queue=args.max_queue)
     name = args.model_name or args.model
     app = create_app(Served(tokenizer, worker, name, context, args.max_tokens, api_key))
-    worker.start()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=3, access_log=args.log_level in ("debug", "info"))
+    server = uvicorn.Server(config)
+    # HTTP on a thread of its own (uvicorn installs no signal handlers there); the engine on this one.
+    http = threading.Thread(target=server.run, name="lmsmith-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise LmsmithError(f"could not serve on {args.host}:{args.port} (is the port in use? try --port)")
+        time.sleep(0.05)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {name!r}: {args.max_batch} slots x {context} tokens (KV cache {human_bytes(kv)}); "
           f"chat page http://{host}:{args.port}/ , OpenAI API http://{host}:{args.port}/v1", file=sys.stderr)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=3, access_log=args.log_level in ("debug", "info"))
     try:
-        uvicorn.Server(config).run()
+        worker.run()  # until Ctrl-C / SIGTERM (the CLI turns SIGTERM into KeyboardInterrupt)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
     finally:
-        worker.stop()
+        server.should_exit = True
+        http.join(timeout=10)
     return 0

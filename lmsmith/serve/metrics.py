@@ -47,6 +47,7 @@ class Metrics:
         self.requests: dict[str, int] = {}  # finish reason (or "error") -> count
         self.ttft = Histogram()
         self.tpot = Histogram()
+        self.steps = Histogram()
 
     def finished(self, reason: str) -> None:
         with self._lock:
@@ -60,6 +61,10 @@ class Metrics:
         with self._lock:
             self.tpot.observe(seconds)
 
+    def step(self, seconds: float) -> None:
+        with self._lock:
+            self.steps.observe(seconds)
+
     def render(self) -> str:
         with self._lock:
             lines = ["# HELP lmsmith_requests_total Finished requests (choices) by finish reason.",
@@ -71,6 +76,8 @@ class Metrics:
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {read()}"]
             for name, h, text in (("lmsmith_time_to_first_token_seconds", self.ttft, "Time to first token."),
                                   ("lmsmith_time_per_output_token_seconds", self.tpot,
-                                   "Time between consecutive tokens of a request.")):
+                                   "Time between consecutive tokens of a request."),
+                                  ("lmsmith_engine_step_seconds", self.steps,
+                                   "One engine step (admit, decode, prefill).")):
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"] + h.lines(name)
         return "\n".join(lines) + "\n"

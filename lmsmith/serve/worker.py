@@ -1,7 +1,9 @@
-"""The engine's thread: steps the slot engine while there is work and hands each event to its request.
+"""The engine's loop: steps the slot engine while there is work and hands each event to its request.
 
-HTTP handlers run on the asyncio event loop; the engine runs here, on one thread,
-so a long forward never blocks the loop (torch releases the GIL). A handler
+HTTP handlers run on the asyncio event loop (uvicorn's thread); the engine runs in
+`Worker.run`, on the process's MAIN thread: torch's CPU kernels run ~1.7x slower when
+called from a second thread (measured on 2 cores), and a long forward then never blocks
+the event loop either (torch releases the GIL). A handler
 `submit`s its choices and reads their events from an `asyncio.Queue`, filled with
 `loop.call_soon_threadsafe`. A step that raises fails the requests it was running
 (their queues get an `Exception`); the thread and the other requests go on.
@@ -18,6 +20,11 @@ from ..decoding.engine import Engine, Event, Request
 from .metrics import Metrics
 
 log = logging.getLogger("lmsmith.serve")
+
+
+def _put_all(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class QueueFull(Exception):
@@ -45,15 +52,11 @@ class Worker:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="lmsmith-engine", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
+        """Make `run` return after the step in flight (any thread)."""
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=10)
 
     def submit(self, requests: list[Request], loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> list[int]:
         """Queue the choices of one call; every event of theirs goes to `queue` as (rid, Event)."""
@@ -79,24 +82,30 @@ class Worker:
                     self.engine.cancel(rid)
         self._wake.set()
 
-    # ---- the thread ------------------------------------------------------------------------------
+    # ---- the loop --------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Step the engine until `stop` (blocks; call it on the main thread)."""
         while not self._stop:
             if not self.engine.busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            t0 = time.perf_counter()
             try:
                 events = self.engine.step()
             except Exception as e:  # noqa: BLE001 - one bad step must not end the server
                 log.exception("engine step failed")
                 self._fail_running(e)
                 continue
+            self.metrics.step(time.perf_counter() - t0)
             self._deliver(events)
 
     def _deliver(self, events: list[Event]) -> None:
+        """Hand a step's events to their queues: one wake-up of each event loop per step, not per
+        token (the loop's thread competes with torch's threads for the cores)."""
         now = time.perf_counter()
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
             for ev in events:
                 sub = self._subs.get(ev.row)
@@ -105,16 +114,16 @@ class Worker:
                     self._subs.pop(ev.row, None)
                 if sub is None:
                     continue
-                if ev.finish_reason == "error":
-                    sub.loop.call_soon_threadsafe(sub.queue.put_nowait, (ev.row, RuntimeError(ev.text)))
-                    continue
+                item = (ev.row, RuntimeError(ev.text)) if ev.finish_reason == "error" else (ev.row, ev)
                 if ev.token is not None:
                     if sub.last is None:
                         self.metrics.first_token(now - sub.start)
                     else:
                         self.metrics.per_token(now - sub.last)
                     sub.last = now
-                sub.loop.call_soon_threadsafe(sub.queue.put_nowait, (ev.row, ev))
+                batches.setdefault(sub.loop, []).append((sub.queue, item))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_running(self, error: Exception) -> None:
         rids = self.engine.reset_running()
