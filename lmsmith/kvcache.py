@@ -143,3 +143,48 @@ class KVCache:
         self.k[:, :, :, :n] = self.k[:, :, :, :n].index_select(1, index.to(self.k.device))
         self.v[:, :, :, :n] = self.v[:, :, :, :n].index_select(1, index.to(self.v.device))
         self.lengths.copy_(self.lengths.index_select(0, index.cpu()))
+
+
+class PackedStep:
+    """One forward over several rows' new tokens packed into one sequence (1, N).
+
+    Decode rows (one token each) and prompt chunks run together, so every linear layer runs
+    once over all N tokens (one large matmul instead of a small one per row); attention is
+    then done per segment against its own row of `cache`. Pass it as the model's `cache`.
+
+    Args:
+        cache: the KVCache the rows live in.
+        segments: (row, n) in packing order: the next n tokens of the sequence go to `row`.
+    """
+
+    packed = True
+    ragged = True  # never trim keys to the window by column: each segment has its own
+
+    def __init__(self, cache: KVCache, segments: list[tuple[int, int]]):
+        self.cache, self.segments = cache, segments
+        self.floor = cache.floor
+        self.past = [int(cache.lengths[row]) for row, _ in segments]
+        for (row, n), p in zip(segments, self.past):
+            if p + n > cache.max_len:
+                raise ValueError(f"KV cache is full: row {row} needs {p + n} positions, {cache.max_len} allocated")
+        self.starts, total = [], 0
+        for _, n in segments:
+            self.starts.append(total)
+            total += n
+        self.ends = [s + n - 1 for s, (_, n) in zip(self.starts, segments)]  # each segment's last token
+
+    def positions(self, device) -> torch.Tensor:
+        """Rotary positions (1, N): each segment continues its row."""
+        return torch.cat([torch.arange(p, p + n, device=device) for p, (_, n) in zip(self.past, self.segments)])[None]
+
+    def write(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store segment i's keys/values (K, n, Dh); return its row's keys/values so far (K, S, Dh)."""
+        row, n = self.segments[i]
+        p = self.past[i]
+        self.cache.k[layer, row, :, p:p + n] = k
+        self.cache.v[layer, row, :, p:p + n] = v
+        return self.cache.k[layer, row, :, :p + n], self.cache.v[layer, row, :, :p + n]
+
+    def end(self, T: int = 0) -> None:
+        for row, n in self.segments:
+            self.cache.lengths[row] += n

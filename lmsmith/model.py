@@ -91,6 +91,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if getattr(cache, "packed", False):  # several rows' tokens in one sequence: attend per segment
+            y = _packed_attention(cache, layer, q, k, v, self.window, self.n_kv_heads != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
             # Rows that end in the same column: only the last `window` keys (a ragged mask has the window).
@@ -110,6 +113,21 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _packed_attention(step, layer: int, q, k, v, window: int | None, gqa: bool) -> torch.Tensor:
+    """Attention for a `PackedStep`: q (1, H, N, Dh), k/v (1, K, N, Dh) -> (1, H, N, Dh), each
+    segment's queries against its own row's cached keys and its new ones (causal, windowed)."""
+    out = []
+    for i, (start, (_, n)) in enumerate(zip(step.starts, step.segments)):
+        keys, values = step.write(layer, i, k[0, :, start:start + n], v[0, :, start:start + n])  # (K, S, Dh)
+        S = keys.shape[1]
+        mask = None
+        if n > 1 or (window is not None and window < S):
+            mask = _causal_keep(n, S, window, q.device)
+        out.append(F.scaled_dot_product_attention(q[:, :, start:start + n], keys[None], values[None],
+                                                  attn_mask=mask, enable_gqa=gqa))
+    return torch.cat(out, dim=2)
 
 
 # Training at short context: explicit attention beats the CPU flash kernel (~15% of a
@@ -235,6 +253,12 @@ class Transformer(nn.Module):
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
+        if getattr(cache, "packed", False):  # a PackedStep: positions per segment, attention per segment
+            cos, sin = rope_cos_sin(self.inv_freq, cache.positions(x.device), _compute_dtype(x))
+            for i, block in enumerate(self.model.layers):
+                x = block(x, cos, sin, None, cache, i)
+            cache.end()
+            return self.model.norm(x)
         past = cache.begin(T) if cache is not None else [0] * B
         if positions is None:
             if min(past) == max(past):
@@ -263,11 +287,12 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, last_only: bool = False, **kwargs) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with `last_only` (prefill needs only the last row).
 
-        Keyword arguments are those of `hidden_states`.
+        Keyword arguments are those of `hidden_states`. With a `PackedStep` as the cache,
+        `last_only` gives each segment's last token: (1, segments, V).
         """
         h = self.hidden_states(input_ids, **kwargs)
         if last_only:
-            h = h[:, -1:]
+            h = last_positions(h, kwargs.get("cache"))
         return self.lm_head(h)
 
     @torch.no_grad()
@@ -297,6 +322,11 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def last_positions(h: torch.Tensor, cache) -> torch.Tensor:
+    """h (B, T, D) -> (B, 1, D) at the last position, or (1, segments, D) at each packed segment's end."""
+    return h[:, cache.ends] if getattr(cache, "packed", False) else h[:, -1:]
 
 
 def _attention_mask(attention_mask, B, T, past: list[int], device, window: int | None = None) -> torch.Tensor | None:

@@ -99,6 +99,28 @@ def test_chunked_prefill_equals_one_shot(model):
     torch.testing.assert_close(chunked.k[:, :, :, :23], one.k[:, :, :, :23], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("window", [None, 4])
+@torch.no_grad()
+def test_packed_step_equals_separate_forwards(window):
+    """Decode rows and prompt chunks packed into one sequence give each row's own logits and cache."""
+    from lmsmith.kvcache import PackedStep
+
+    m = _model(window)
+    a, b, c = _prompt(7, 1), _prompt(3, 2), _prompt(9, 3)
+    packed, plain = KVCache(m.config, 3, 32), KVCache(m.config, 3, 32)
+    for cache in (packed, plain):
+        m(torch.tensor([a]), cache=cache.rows(0, 1))
+        m(torch.tensor([c[:4]]), cache=cache.rows(2, 3))
+    nxt = _prompt(1, 4)
+    step = PackedStep(packed, [(0, 1), (1, 3), (2, 5)])  # a decodes, b prefills, c's second chunk
+    out = m(torch.tensor([nxt + b + c[4:]]), cache=step, last_only=True)[0]
+    want = [m(torch.tensor([nxt]), cache=plain.rows(0, 1))[0, -1], m(torch.tensor([b]), cache=plain.rows(1, 2))[0, -1],
+            m(torch.tensor([c[4:]]), cache=plain.rows(2, 3))[0, -1]]
+    torch.testing.assert_close(out, torch.stack(want), atol=1e-5, rtol=0)
+    assert packed.lengths.tolist() == plain.lengths.tolist() == [8, 3, 9]
+    torch.testing.assert_close(packed.k[:, :, :, :9], plain.k[:, :, :, :9], atol=1e-5, rtol=0)
+
+
 def test_swap_rows_moves_keys_and_lengths(model):
     cache = KVCache(model.config, 3, 16)
     with torch.no_grad():

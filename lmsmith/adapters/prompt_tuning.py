@@ -318,7 +318,9 @@ class PromptTunedModel(nn.Module):
         """Logits (B, T, V) for the real tokens, or (B, 1, V) with `last_only`."""
         h = self.hidden_states(input_ids, **kwargs)
         if last_only:
-            h = h[:, -1:]
+            from ..model import last_positions
+
+            h = last_positions(h, kwargs.get("cache"))
         return self.logits(h)
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LmsmithError
+from ..kvcache import PackedStep
 from .config import GenerationConfig
 from .detokenizer import Detokenizer
 from .picker import TokenPicker, pick
@@ -136,8 +137,8 @@ class Engine:
         max_len: tokens per slot, prompt + output (default and at most the model's context).
         decode: ids -> text; needed for stop strings, JSON mode and `Event.text`.
         precision: None/"fp32" or an `lmsmith.precision` policy for autocast.
-        prefill_chunk: prompt tokens prefilled per step (a request asking for prompt logprobs
-            is prefilled whole).
+        prefill_chunk: prompt tokens prefilled per step, packed into one forward with the decode
+            rows (a request asking for prompt logprobs is prefilled whole, alone).
 
     `submit` and `cancel` may be called from any thread; `step` from one thread at a time.
     """
@@ -219,54 +220,78 @@ class Engine:
     # ---- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[Event]:
-        """Admit, decode one token for every generating slot, prefill, choose, finish."""
+        """Admit, decode one token for every generating slot, prefill, choose, finish.
+
+        A step with prompt tokens to prefill runs them and the decode rows as ONE packed
+        forward (`PackedStep`): every linear layer then multiplies all of the step's tokens at
+        once. A step with only decode rows runs them as a batch over rows [0, n).
+        """
         events: list[Event] = []
         with torch.inference_mode(), _precision_context(self.precision, self.device):
             self._drop_cancelled(events)
             self._admit(events)
-            self._layout()
             rows, logits = [], []
-            decoding = sorted((s for s in self.active if not s.prefilling), key=lambda s: s.row)
-            if decoding:
+            decoding = [s for s in self.active if not s.prefilling]
+            chunks = self._prefill_plan()
+            if chunks:
+                self._packed_forward([(s, 1) for s in decoding] + chunks, rows, logits)
+            elif decoding:
+                self._layout()
+                decoding.sort(key=lambda s: s.row)
                 ids = torch.tensor([[s.tokens[s.cached]] for s in decoding], device=self.device)
                 logits.append(self.model(ids, cache=self.cache.rows(0, len(decoding)))[:, -1].float())
                 for s in decoding:
                     s.cached += 1
                 rows += decoding
+            if decoding:
                 self.stats["decode_steps"] += 1
                 self.stats["decode_rows"] += len(decoding)
-            budget = self.prefill_chunk
-            for s in [s for s in self.active if s.prefilling]:
-                if budget <= 0:
-                    break
-                try:
-                    budget -= self._prefill(s, budget, rows, logits, events)
+            for s in [s for s in self.active if s.prefilling and s.req.prompt_logprobs]:
+                try:  # prompt logprobs need every position's logits: prefilled alone, whole
+                    self._prefill(s, rows, logits, events)
                 except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                     self._fail(s, e, events)
             if rows:
                 self._choose(rows, torch.cat(logits), events)
         return events
 
-    def _prefill(self, s: _Seq, budget: int, rows: list, logits: list, events: list[Event]) -> int:
-        """Feed the next chunk of s's prompt; when the prompt is all cached, queue its last logits."""
-        prompt = s.req.prompt
-        n = len(prompt) - s.cached if s.req.prompt_logprobs else min(len(prompt) - s.cached, budget)
-        ids = torch.tensor([prompt[s.cached:s.cached + n]], device=self.device)
-        out = self.model(ids, cache=self.cache.rows(s.row, s.row + 1), last_only=not s.req.prompt_logprobs)
-        out = out[0].float()  # (n or 1, V)
-        if s.req.prompt_logprobs:
-            lp = torch.log_softmax(out[:-1], dim=-1)  # row i predicts prompt token i + 1
-            chosen = [None] + lp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
-            top = None
-            if s.req.logprobs:
-                v, i = torch.topk(lp, min(s.req.logprobs, lp.shape[-1]), dim=-1)
-                top = [None] + [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
-            events.append(Event(s.rid, None, prompt_logprobs=chosen, prompt_top_logprobs=top))
-        s.cached += n
-        if not s.prefilling:
-            rows.append(s)
-            logits.append(out[-1:])
-        return n
+    def _prefill_plan(self) -> list[tuple[_Seq, int]]:
+        """(request, prompt tokens) to prefill this step: oldest first, `prefill_chunk` tokens in all."""
+        plan, budget = [], self.prefill_chunk
+        for s in self.active:
+            if budget <= 0:
+                break
+            if s.prefilling and not s.req.prompt_logprobs:
+                n = min(len(s.req.prompt) - s.cached, budget)
+                plan.append((s, n))
+                budget -= n
+        return plan
+
+    def _packed_forward(self, segments: list[tuple[_Seq, int]], rows: list, logits: list) -> None:
+        """One forward over each request's next n tokens; queue the logits of those now generating."""
+        ids = [t for s, n in segments for t in s.tokens[s.cached:s.cached + n]]
+        step = PackedStep(self.cache, [(s.row, n) for s, n in segments])
+        out = self.model(torch.tensor([ids], device=self.device), cache=step, last_only=True)[0].float()
+        for j, (s, n) in enumerate(segments):
+            s.cached += n
+            if not s.prefilling:
+                rows.append(s)
+                logits.append(out[j:j + 1])
+
+    def _prefill(self, s: _Seq, rows: list, logits: list, events: list[Event]) -> None:
+        """Prefill s's whole prompt with every position's logits: its prompt logprobs, then its first token."""
+        ids = torch.tensor([s.req.prompt], device=self.device)  # (cached is 0: no prompt reuse for these)
+        out = self.model(ids, cache=self.cache.rows(s.row, s.row + 1))[0].float()  # (P, V)
+        lp = torch.log_softmax(out[:-1], dim=-1)  # row i predicts prompt token i + 1
+        chosen = [None] + lp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+        top = None
+        if s.req.logprobs:
+            v, i = torch.topk(lp, min(s.req.logprobs, lp.shape[-1]), dim=-1)
+            top = [None] + [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
+        events.append(Event(s.rid, None, prompt_logprobs=chosen, prompt_top_logprobs=top))
+        s.cached = len(s.req.prompt)
+        rows.append(s)
+        logits.append(out[-1:])
 
     def _choose(self, rows: list[_Seq], logits: torch.Tensor, events: list[Event]) -> None:
         for s in rows:

@@ -32,8 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default: 64)")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="the most tokens one choice may generate, whatever the request asks (default: 1024)")
-    p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prompt tokens prefilled per engine step, so long prompts do not stall others (default: 256)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per engine step, in one forward with the decoding requests, "
+                        "so a long prompt does not stall the others (default: 512)")
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute precision policy (default: fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
