@@ -8,8 +8,10 @@ which `lmsmith pretrain` calls directly.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
+from pathlib import Path
 
 HELP = "prepare token shards from text corpora, or generate synthetic instruction data"
 DESCRIPTION = """Prepare token shards from text corpora, or generate synthetic instruction data.
@@ -81,8 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     s = sub.add_parser("synth", help="generate instruction data with checkable answers (for fine-tuning demos)",
                        description=SYNTH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--task", default="mix", help="arithmetic | reverse | sort | convert | lookup | mix (default: mix)")
-    s.add_argument("--n", type=int, default=2000, help="questions in total (default 2000)")
+    s.add_argument("--task", default="mix",
+                   help="arithmetic | reverse | sort | convert | lookup | mix (default: mix); or stories: simple "
+                        "English stories from a grammar whose next-word probabilities are known")
+    s.add_argument("--n", type=int, default=2000, help="questions (or stories) in total (default 2000)")
     s.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--held-out-fraction", type=float, default=0.1, metavar="F",
@@ -121,6 +125,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    if args.task == "stories":
+        return _stories(args)
     from ..data.synth import write_synth
 
     r = write_synth(args.task, args.n, args.out, seed=args.seed, heldout_fraction=args.held_out_fraction)
@@ -131,6 +137,26 @@ def _synth(args: argparse.Namespace) -> int:
     if r["heldout_in_corpus"]:
         print(f"note: {r['heldout_in_corpus']:,} held-out questions may also appear in the built-in pretraining "
               "corpus (only a fifth of all questions is kept out of it); use a smaller --held-out-fraction")
+    return 0
+
+
+def _stories(args: argparse.Namespace) -> int:
+    from ..data.stories import generate_stories
+    from ..errors import LmsmithError
+    from ..fileio import atomic_file
+
+    if args.n < 1:
+        raise LmsmithError(f"--n {args.n} must be >= 1")
+    path = Path(args.out) / "stories.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stories = generate_stories(args.n, seed=args.seed)
+    with atomic_file(path, "w") as f:
+        for text in stories:
+            f.write(json.dumps({"text": text}) + "\n")
+    words = sum(len(t.split()) for t in stories)
+    print(f"Generated {len(stories):,} stories ({words:,} words) in {path}. Their grammar's exact next-word "
+          f"probabilities: lmsmith.data.stories.true_next_word(prefix). Next: `lmsmith data prepare {path} "
+          f"--out shards/` or `lmsmith pretrain --source stories={path}`.")
     return 0
 
 
