@@ -477,8 +477,10 @@ def test_sequential_batches_cover_the_validation_stream(ab_shards):
 
 def test_default_corpus_finds_stdlib_and_pydoc_topics(tmp_path):
     sources = default_corpus_sources()
-    code, docs, tasks = sources
-    assert [s.name for s in sources] == ["code", "docs", "tasks"] and code.weight > docs.weight > tasks.weight
+    code, docs, tasks, stories = sources
+    assert [s.name for s in sources] == ["code", "docs", "tasks", "stories"]
+    assert code.weight > docs.weight > tasks.weight
+    assert 0 < stories.weight < docs.weight
     files = [Path(f).relative_to(code.path).as_posix() for f in walk_files(code)]
     assert "json/__init__.py" in files and "os.py" in files and "asyncio/tasks.py" in files
     assert all(f.endswith(".py") for f in files) and len(files) > 300
@@ -486,7 +488,9 @@ def test_default_corpus_finds_stdlib_and_pydoc_topics(tmp_path):
     assert "encodings/cp1252.py" not in files
     from lmsmith.data import resolve_sources
 
-    assert [s.name for s in resolve_sources(None)] == ["code", "docs", "tasks"]  # prepare(None, ...) uses it
+    assert [s.name for s in resolve_sources(None)] == ["code", "docs", "tasks", "stories"]  # prepare(None) uses it
+    tales = dict(iter_documents(stories))
+    assert len(tales) == 20_000 and tales["story-00000"].endswith(".")
     topics = dict(iter_documents(docs))
     assert len(topics) > 50 and "assert" in topics and "assert" in topics["assert"]
     # end to end on a slice of it: the docs source through prepare

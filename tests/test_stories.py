@@ -64,17 +64,18 @@ def test_cli_writes_stories_jsonl(tmp_path):
     assert [json.loads(line)["text"] for line in lines] == generate_stories(25, seed=2)
 
 
-def test_a_tiny_model_trained_on_stories_learns_what_follows_the_cat_sat_on_the():
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for 250 steps on 3,000 stories, saved as an HF directory."""
+    from lmsmith import checkpoint
     from lmsmith.config import ModelConfig
-    from lmsmith.decoding import next_token_probs
     from lmsmith.model import build_model
     from lmsmith.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     text = generate_stories(3000, seed=0)
     tok = Tokenizer.train(text, vocab_size=320, show_progress=False)
-    ids = [i for s in text for i in tok.encode(s) + [tok.eos_id]]
-    data = torch.tensor(ids)
+    data = torch.tensor([i for s in text for i in tok.encode(s) + [tok.eos_id]])
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                       max_seq_len=64, tie_embeddings=True)
     model = build_model(cfg, seed=0)
@@ -89,6 +90,38 @@ def test_a_tiny_model_trained_on_stories_learns_what_follows_the_cat_sat_on_the(
         loss.backward()
         opt.step()
     model.eval()
+    path = tmp_path_factory.mktemp("stories") / "model"
+    checkpoint.save(model, tok, path)
+    return model, tok, path
+
+
+def test_a_tiny_model_trained_on_stories_learns_what_follows_the_cat_sat_on_the(trained):
+    from lmsmith.decoding import next_token_probs
+    from lmsmith.eval.truth import compare_with_truth
+
+    model, tok, _ = trained
     table = dict(next_token_probs(model, tok, "The cat sat on the", k=tok.vocab_size))
     assert table.get(" floor", 0) > 10 * table.get(" moon", 0)  # "moon" never follows "sat on the"
     assert table.get(" floor", 0) > 0.05
+    rows, kl, mass = compare_with_truth(model, tok, "The cat sat on the")
+    assert [w for w, _, _ in rows][:3] == ["floor", "bed", "couch"] and mass > 0.5
+    assert rows[0][2] == pytest.approx(table[" floor"], rel=1e-4)  # a one-token word: the table's row
+    untrained = compare_with_truth(_random_like(model), tok, "The cat sat on the")[1]
+    assert kl < untrained  # training brought the model closer to the grammar
+
+
+def _random_like(model):
+    from lmsmith.model import build_model
+
+    return build_model(model.config, seed=1).eval()
+
+
+def test_cli_compare_truth(trained, capsys):
+    from lmsmith.cli import main
+
+    _, _, path = trained
+    assert main(["probs", str(path), "--prompt", "The cat sat on the floor,", "--top", "3", "--compare-truth"]) == 0
+    out = capsys.readouterr().out
+    assert "'and'" in out and "50.00%" in out and "KL(true || model) =" in out
+    assert main(["probs", str(path), "--prompt", "The moon", "--compare-truth"]) == 0
+    assert "never writes 'moon' after 'The'" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """The embedded default corpus: text every Python installation carries, plus worked examples.
 
-Three sources, so `lmsmith pretrain` runs on a fresh machine with no download:
+Four sources, so `lmsmith pretrain` runs on a fresh machine with no download:
 
 - "code" (weight 0.7): the standard library's `.py` files (about 10 MB), found with
   `sysconfig`; left out: site-packages, test suites, `pydoc_data` (that is the "docs"
@@ -15,6 +15,10 @@ Three sources, so `lmsmith pretrain` runs on a fresh machine with no download:
   the skills here, and fine-tuning (even prompt tuning, which adds no weights to the model) teaches
   it to use them when asked in the chat format. No question held out for evaluation, nor any
   variant of it with the same answer, is in it (`synth.reserved`).
+- "stories" (weight 0.15, about 12% of the batches): 20,000 short English stories from the
+  grammar in `stories.py`, one document each, so the demo model speaks simple English and its
+  next-token table for "The cat sat on the" can be checked against the grammar's exact
+  next-word probabilities (`lmsmith probs ... --compare-truth`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ import sysconfig
 
 from ..errors import LmsmithError
 from .sources import Source
+from .stories import generate_stories
 from .synth import corpus_documents
+
+STORIES = 20_000
+STORIES_SEED = 2026
+
+
+def story_documents() -> list[tuple[str, str]]:
+    """The "stories" source: [(doc_id, story), ...], the same on every machine."""
+    return [(f"story-{i:05d}", s) for i, s in enumerate(generate_stories(STORIES, seed=STORIES_SEED))]
 
 CODE_EXCLUDE = (
     "site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data",
@@ -44,8 +57,8 @@ def _pydoc_topics():
 
 
 def default_corpus_sources(code_weight: float = 0.7, docs_weight: float = 0.3,
-                           tasks_weight: float = 0.1) -> list[Source]:
-    """The embedded corpus: [Source "code" (stdlib .py files), Source "docs" (pydoc topics), Source "tasks"].
+                           tasks_weight: float = 0.1, stories_weight: float = 0.15) -> list[Source]:
+    """The embedded corpus: Sources "code" (stdlib .py files), "docs" (pydoc topics), "tasks", "stories".
 
     "docs" is omitted if this Python has no `pydoc_data`.
     """
@@ -61,4 +74,5 @@ def default_corpus_sources(code_weight: float = 0.7, docs_weight: float = 0.3,
     if _pydoc_topics():
         sources.append(Source("docs", documents=_pydoc_topics, weight=docs_weight))
     sources.append(Source("tasks", documents=corpus_documents, weight=tasks_weight))
+    sources.append(Source("stories", documents=story_documents, weight=stories_weight))
     return sources

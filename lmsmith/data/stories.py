@@ -105,14 +105,15 @@ def true_next_word(prefix: str) -> dict[str, float]:
     Raises ValueError when the grammar cannot produce `prefix`.
     """
     states: dict[tuple[str, ...], float] = {("STORY",): 1.0}
-    for word in split_words(prefix):
+    words = split_words(prefix)
+    for i, word in enumerate(words):
         nxt: dict[tuple[str, ...], float] = {}
         for stack, p in states.items():
             for w, rest, q in _expand(stack, p):
                 if w == word:
                     nxt[rest] = nxt.get(rest, 0.0) + q
         if not nxt:
-            raise ValueError(f"the stories grammar never writes {word!r} after {prefix[:prefix.find(word)]!r}")
+            raise ValueError(f"the stories grammar never writes {word!r} after {render(words[:i])!r}")
         states = nxt
     dist: dict[str, float] = {}
     for stack, p in states.items():

@@ -46,8 +46,9 @@ in it, recursively; binary files skipped and counted), a .jsonl/.jsonl.gz file (
 per line, in the field --text-field) or a .parquet file (one document per row; needs
 pip install 'lmsmith[parquet]'). WEIGHT (default 1) sets how often training samples the
 source. Without --source the embedded corpus is used: the Python standard library's
-source ("code", weight 0.7), the interpreter's documentation topics ("docs", 0.3) and
-worked examples of the synthetic tasks as plain text ("tasks", 0.1).
+source ("code", weight 0.7), the interpreter's documentation topics ("docs", 0.3),
+worked examples of the synthetic tasks as plain text ("tasks", 0.1) and short English
+stories from a grammar with known next-word probabilities ("stories", 0.15).
 
 A source left with no documents is an error if it is the only one, else a warning and it
 is left out.

@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=None, help="also show softmax(logits / T) next to T=1")
     p.add_argument("--steps", type=int, default=1, help="append the greedy token and repeat, N tables (default: 1)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of the tables to this PNG")
+    p.add_argument("--compare-truth", action="store_true",
+                   help="for a prompt from the stories grammar (`data synth --task stories`, in the built-in "
+                        "corpus): the model's probability of each next word beside the grammar's exact one, and the KL")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
 
@@ -77,6 +80,8 @@ def run(args) -> int:
                 line += f" {q * 100:>9.2f}%"
             print(line)
         print("  " + ", ".join(f"{tok} {p * 100:.2f}%" for tok, p, _, _ in rows))
+        if args.compare_truth:
+            _print_truth(model, tokenizer, text, args.top)
         if step + 1 < args.steps:
             nxt = rows[0][3]
             ids = ids + [nxt]
@@ -86,6 +91,23 @@ def run(args) -> int:
         _plot(tables, T if show_t else None, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _print_truth(model, tokenizer, text: str, top: int) -> None:
+    from ..eval.truth import compare_with_truth
+
+    try:
+        rows, kl, mass = compare_with_truth(model, tokenizer, text)
+    except ValueError as e:
+        print(f"  (no true distribution: {e})")
+        return
+    print(f"  {'':>3}  {'next word':<20} {'true p':>9} {'model p':>9}")
+    for r, (word, p, q) in enumerate(rows[:top], 1):
+        print(f"  {r:>3}  {word!r:<20} {p * 100:>8.2f}% {q * 100:>8.2f}%")
+    if len(rows) > top:
+        print(f"  ... {len(rows) - top} more words the grammar allows")
+    print(f"  KL(true || model) = {kl:.3f} nats; the model puts {mass * 100:.1f}% of its probability on "
+          f"the {len(rows)} words the grammar allows here")
 
 
 def _plot(tables, T, path) -> None:
