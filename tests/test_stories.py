@@ -116,11 +116,14 @@ def _random_like(model):
     return build_model(model.config, seed=1).eval()
 
 
-def test_cli_compare_truth(trained, capsys):
+def test_cli_compare_truth(trained, capsys, tmp_path):
     from lmsmith.cli import main
 
     _, _, path = trained
-    assert main(["probs", str(path), "--prompt", "The cat sat on the floor,", "--top", "3", "--compare-truth"]) == 0
+    png = tmp_path / "bars.png"
+    assert main(["probs", str(path), "--prompt", "The cat sat on the floor,", "--top", "3", "--compare-truth",
+                 "--steps", "2", "--temperature", "0.5", "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "'and'" in out and "50.00%" in out and "KL(true || model) =" in out
     assert main(["probs", str(path), "--prompt", "The moon", "--compare-truth"]) == 0

@@ -70,7 +70,7 @@ def run(args) -> int:
         rows = []
         for i, p in zip(top.indices.tolist(), top.values.tolist()):
             rows.append((show_token(tokenizer.decode([i])), p, float(pt[i]) if show_t else None, i))
-        tables.append((text, rows))
+        tables.append((text, rows, _truth(text) if args.compare_truth else None))
         print(f"{'step ' + str(step + 1) + ': ' if args.steps > 1 else ''}{text!r}")
         head = f"  {'#':>3}  {'token':<20} {'p(T=1)':>9}" + (f" {f'p(T={T:g})':>10}" if show_t else "")
         print(head)
@@ -93,6 +93,15 @@ def run(args) -> int:
     return 0
 
 
+def _truth(text: str) -> dict[str, float] | None:
+    from ..data.stories import true_next_word
+
+    try:
+        return true_next_word(text)
+    except ValueError:
+        return None
+
+
 def _print_truth(model, tokenizer, text: str, top: int) -> None:
     from ..eval.truth import compare_with_truth
 
@@ -110,19 +119,32 @@ def _print_truth(model, tokenizer, text: str, top: int) -> None:
           f"the {len(rows)} words the grammar allows here")
 
 
+def _word(shown: str) -> str:
+    """A table's token (as `show_token` wrote it) as a stories word: no quotes, no leading space."""
+    import ast
+
+    text = ast.literal_eval(shown).removeprefix(" ")
+    return "<end>" if text == "<|endoftext|>" else text
+
+
 def _plot(tables, T, path) -> None:
     import matplotlib.pyplot as plt
 
     n = len(tables)
     shown = tables[:12]  # more panels than this are unreadable
     fig, axes = plt.subplots(len(shown), 1, figsize=(8, 2.6 * len(shown)), squeeze=False)
-    for ax, (text, rows) in zip(axes[:, 0], shown):
+    for ax, (text, rows, truth) in zip(axes[:, 0], shown):
         labels = [tok for tok, *_ in rows]
         x = range(len(rows))
         w = 0.4 if T is not None else 0.8
         ax.bar([i - (w / 2 if T is not None else 0) for i in x], [p for _, p, _, _ in rows], width=w, label="T=1")
         if T is not None:
             ax.bar([i + w / 2 for i in x], [q for _, _, q, _ in rows], width=w, label=f"T={T:g}")
+        if truth is not None:  # the stories grammar's exact probability of each shown token's word
+            known = [(i, truth[word]) for i, word in zip(x, (_word(tok) for tok, *_ in rows)) if word in truth]
+            ax.scatter([i for i, _ in known], [p for _, p in known], marker="_", s=900, color="black",
+                       linewidths=2, zorder=3, label="true (grammar)")
+        if T is not None or truth is not None:
             ax.legend()
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
