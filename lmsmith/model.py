@@ -337,13 +337,13 @@ def _attention_mask(attention_mask, B, T, past: list[int], device, window: int |
     each get their own causal edge; columns past a row's end are hidden.
     """
     S = max(past) + T
+    if min(past) == max(past) and attention_mask is None:
+        return None  # plain causal: the attention applies it (with the offset of `past` cached keys)
+    query = torch.tensor(past, device=device)[:, None] + torch.arange(T, device=device)  # (B, T) columns
     if min(past) == max(past):
-        if attention_mask is None:
-            return None  # plain causal: the attention applies it (with the offset of `past` cached keys)
         mask = _causal_keep(T, S, window, device)[None, None]  # (1, 1, T, S)
     else:
         col = torch.arange(S, device=device)  # (S,)
-        query = torch.tensor(past, device=device)[:, None] + torch.arange(T, device=device)  # (B, T) columns
         mask = col <= query[..., None]  # (B, T, S)
         if window is not None:
             mask &= col > query[..., None] - window
@@ -353,7 +353,6 @@ def _attention_mask(attention_mask, B, T, past: list[int], device, window: int |
     mask = attention_mask[:, None, None, :S].bool() & mask
     # A fully masked row (a padding query) would give NaN; let it see itself instead.
     diag = torch.zeros(B, 1, T, S, dtype=torch.bool, device=device)
-    query = torch.tensor(past, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
     diag.scatter_(-1, query[:, None, :, None], True)
     return mask | (~mask.any(-1, keepdim=True) & diag)
 

@@ -7,6 +7,7 @@ $LMSMITH_TEST_ARTIFACTS (default ./test-artifacts).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -69,8 +70,6 @@ def test_chat_page_streams_a_reply_and_shows_alternatives(tmp_path, browser):
         probs = [r.find_element(By.CSS_SELECTOR, ".alt-prob").text for r in rows]
         assert all(re.fullmatch(r"\d+\.\d\d%", p) for p in probs), probs
         want = api.choices[0].logprobs.content[1]
-        import math
-
         assert probs[0] == f"{math.exp(want.top_logprobs[0].logprob) * 100:.2f}%"
         assert len(browser.find_elements(By.CSS_SELECTOR, "#alternatives .alt.chosen")) == 1
         assert browser.find_elements(By.CSS_SELECTOR, "#alternatives .alt .bar")

@@ -106,19 +106,17 @@ def create_app(served: Served) -> FastAPI:
             raise ApiError(f"The model '{name}' does not exist", 404, param="model", code="model_not_found")
         return model_card()
 
-    def check_length(ids: list[int]) -> None:
+    def check_length(ids: list[int], param: str) -> None:
         if len(ids) > served.context:
-            raise ApiError(f"This model's maximum context length is {served.context} tokens, but the prompt has "
-                           f"{len(ids)} tokens; shorten the prompt", param="prompt",
-                           code="context_length_exceeded")
+            raise ApiError(f"This model's maximum context length is {served.context} tokens, but the request "
+                           f"has {len(ids)} tokens of {param}; shorten it", param=param, code="context_length_exceeded")
 
     def completion_job(body: dict) -> Job:
         P.check_model(body, served.name)
-        for name in ("suffix",):
-            if body.get(name) is not None:
-                raise ApiError(f"'{name}' is not supported", param=name)
-        echo = P._flag(body, "echo")
-        logprobs = P._number(body, "logprobs", None, lo=0, hi=P.MAX_LOGPROBS, integer=True)
+        if body.get("suffix") is not None:
+            raise ApiError("'suffix' is not supported", param="suffix")
+        echo = P.flag(body, "echo")
+        logprobs = P.number(body, "logprobs", None, lo=0, hi=P.MAX_LOGPROBS, integer=True)
         n, max_tokens = P.read_counts(body, 16, served.max_tokens, echo)
         prompt = body.get("prompt")
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
@@ -136,9 +134,9 @@ def create_app(served: Served) -> FastAPI:
                 texts.append(tok.decode(p))
             else:
                 raise ApiError("each prompt must be a string or a non-empty list of token ids", param="prompt")
-            check_length(ids[-1])
+            check_length(ids[-1], "prompt")
         configs = P.sampling_configs(body, n, max_tokens, eos_ids)
-        return Job("completion", ids, texts, n, [c for _ in ids for c in configs], stream=P._flag(body, "stream"),
+        return Job("completion", ids, texts, n, [c for _ in ids for c in configs], stream=P.flag(body, "stream"),
                    include_usage=P.stream_options(body), logprobs=logprobs, echo=echo)
 
     def chat_job(body: dict) -> Job:
@@ -148,16 +146,14 @@ def create_app(served: Served) -> FastAPI:
             ids = encode_chat(tok, messages)
         except LmsmithError as e:
             raise ApiError(f"the chat template failed on these messages: {e}", param="messages") from None
-        if len(ids) > served.context:
-            raise ApiError(f"This model's maximum context length is {served.context} tokens, but the messages "
-                           f"take {len(ids)} tokens; shorten them", param="messages", code="context_length_exceeded")
+        check_length(ids, "messages")
         n, max_tokens = P.read_counts(body, None, served.max_tokens, False)
-        want = P._flag(body, "logprobs")
-        top = P._number(body, "top_logprobs", None, lo=0, hi=P.MAX_LOGPROBS, integer=True)
+        want = P.flag(body, "logprobs")
+        top = P.number(body, "top_logprobs", None, lo=0, hi=P.MAX_LOGPROBS, integer=True)
         if top is not None and not want:
             raise ApiError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         configs = P.sampling_configs(body, n, max_tokens, eos_ids)
-        return Job("chat", [ids], [""], n, configs, stream=P._flag(body, "stream"),
+        return Job("chat", [ids], [""], n, configs, stream=P.flag(body, "stream"),
                    include_usage=P.stream_options(body), logprobs=(top or 0) if want else None,
                    json_object=P.response_format(body))
 

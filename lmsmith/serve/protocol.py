@@ -59,7 +59,7 @@ class Job:
 
 # ---- field readers ------------------------------------------------------------------------------
 
-def _number(body: dict, name: str, default, lo=None, hi=None, lo_open=False, integer=False):
+def number(body: dict, name: str, default, lo=None, hi=None, lo_open=False, integer=False):
     v = body.get(name, default)
     if v is None:
         return default
@@ -74,7 +74,7 @@ def _number(body: dict, name: str, default, lo=None, hi=None, lo_open=False, int
     return v
 
 
-def _flag(body: dict, name: str) -> bool:
+def flag(body: dict, name: str) -> bool:
     v = body.get(name, False)
     if v is None:
         return False
@@ -108,17 +108,17 @@ def sampling_configs(body: dict, n: int, max_tokens: int, eos_ids: list[int]) ->
     """One GenerationConfig per choice from OpenAI's sampling fields and the extra ones
     (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`). Temperature 0 is greedy; choice j
     gets seed + j."""
-    temperature = _number(body, "temperature", 1.0, lo=0, hi=2)
-    top_p = _number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
-    top_k = _number(body, "top_k", None, integer=True)
+    temperature = number(body, "temperature", 1.0, lo=0, hi=2)
+    top_p = number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
+    top_k = number(body, "top_k", None, integer=True)
     if top_k is not None and top_k < 1:  # vLLM's -1 / llama.cpp's 0 mean "off"
         top_k = None
-    min_p = _number(body, "min_p", 0.0, lo=0, hi=1)
-    rep = _number(body, "repetition_penalty", 1.0, lo=0, lo_open=True)
-    freq = _number(body, "frequency_penalty", 0.0, lo=-2, hi=2)
-    pres = _number(body, "presence_penalty", 0.0, lo=-2, hi=2)
-    seed = _number(body, "seed", None, integer=True)
-    if _flag(body, "ignore_eos"):  # vLLM's and llama.cpp's extra field: exactly max_tokens (benchmarks)
+    min_p = number(body, "min_p", 0.0, lo=0, hi=1)
+    rep = number(body, "repetition_penalty", 1.0, lo=0, lo_open=True)
+    freq = number(body, "frequency_penalty", 0.0, lo=-2, hi=2)
+    pres = number(body, "presence_penalty", 0.0, lo=-2, hi=2)
+    seed = number(body, "seed", None, integer=True)
+    if flag(body, "ignore_eos"):  # vLLM's and llama.cpp's extra field: exactly max_tokens (benchmarks)
         eos_ids = []
     greedy = temperature == 0
     if greedy and n > 1:
@@ -137,9 +137,9 @@ def sampling_configs(body: dict, n: int, max_tokens: int, eos_ids: list[int]) ->
 
 def read_counts(body: dict, default_max: int | None, cap: int, echo: bool) -> tuple[int, int]:
     """(n, max_tokens): validated, max_tokens capped by the server's --max-tokens."""
-    n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
+    n = number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, default_max, lo=0 if echo else 1, integer=True)
+    max_tokens = number(body, name, default_max, lo=0 if echo else 1, integer=True)
     return n, min(cap, max_tokens if max_tokens is not None else cap)
 
 
