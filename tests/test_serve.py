@@ -333,12 +333,15 @@ def test_metrics(server):
     assert _metric(server.url, "lmsmith_generation_tokens_total") >= 3
 
 
-def test_disconnect_frees_the_slot_and_a_full_queue_is_429(model_dir):
+def test_disconnect_frees_the_slot_and_a_full_queue_is_429(tmp_path):
     """One slot, a queue of one: a third request is refused; when the streaming client holding the slot
-    disconnects, the waiting request is admitted and completes."""
-    s = Server(model_dir, "--max-batch", "1", "--max-queue", "1")
+    disconnects, the waiting request is admitted and completes. The holder asks for 8,000 tokens without
+    stopping at EOS, so on any machine it is still generating when it disconnects."""
+    s = Server(make_model_dir(tmp_path / "long", context=8192), "--max-batch", "1", "--max-queue", "1",
+               "--max-tokens", "8000")
     try:
-        body = {"model": "tiny", "prompt": "The", "max_tokens": 200, "temperature": 1.0, "seed": 0, "stream": True}
+        body = {"model": "tiny", "prompt": "The", "max_tokens": 8000, "ignore_eos": True, "temperature": 1.0,
+                "seed": 0, "stream": True}
         holder = _connect("POST", f"{s.url}/v1/completions", body)
         r = holder.getresponse()
         while not r.readline().startswith(b"data: "):  # it is generating
