@@ -8,7 +8,7 @@ files). Building is the same for all, and it checks before it trusts:
     2. `check_claims`: the layers, vocabulary and widths the metadata claims must match the tensors
        present, before anything is allocated (a config that claims 100,000 layers is refused
        in milliseconds, not after minutes of building);
-    3. build on the meta device, check every name and shape, swap in packed modules (int8);
+    3. build on the meta device, check every name and shape, swap in packed modules (int8, packed GGUF);
     4. `load_state_dict(assign=True)`, tie the head, recompute the RoPE buffers, eval mode.
 
 This module sits above the formats (it imports them); they import only what lies below
@@ -43,8 +43,8 @@ class WeightSource:
             against the file size by the reader).
         read: `read(dtype, device) -> {name: tensor}` the float tensors (not those of packed modules);
             dtype None: the format's natural dtype.
-        packed: `packed(device) -> {module name: nn.Module}`: modules that replace the plain ones
-            (int8's QuantLinear); their weights are not in `read`'s result.
+        packed: `packed(dtype, device) -> {module name: nn.Module}`: modules that replace the plain
+            ones (int8's and GGUF's QuantLinear / QuantEmbedding); their tensors are not in `read`'s result.
         tokenizer: `tokenizer() -> Tokenizer | None`.
         files: tensor name -> the file holding it, when that is not `path` (sharded directories).
     """
@@ -54,7 +54,7 @@ class WeightSource:
     config: ModelConfig
     shapes: dict[str, tuple[int, ...]]
     read: Callable[[torch.dtype | None, torch.device], dict[str, torch.Tensor]]
-    packed: Callable[[torch.device], dict[str, torch.nn.Module]] | None = None
+    packed: Callable[[torch.dtype | None, torch.device], dict[str, torch.nn.Module]] | None = None
     tokenizer: Callable[[], Any] | None = None
     files: dict[str, Path] | None = None
 
@@ -62,26 +62,32 @@ class WeightSource:
         return (self.files or {}).get(name, self.path)
 
 
-def open_source(path: str | os.PathLike) -> WeightSource:
-    """The reader for `path`: a `.gguf` file, an lmsmith int8 directory, or a Hugging Face directory."""
+def open_source(path: str | os.PathLike, packed: bool = False) -> WeightSource:
+    """The reader for `path`: a `.gguf` file, an lmsmith int8 directory, or a Hugging Face directory.
+
+    `packed`: keep a GGUF file's quantized tensors as their bytes (int8 directories always are).
+    """
     path = Path(path)
     if path.suffix.lower() == ".gguf":
         from .quant.gguf import open_gguf
 
-        return open_gguf(path)
+        return open_gguf(path, packed=packed)
     from .quant.int8 import is_int8_dir
 
     if path.is_dir() and is_int8_dir(path):
         from .quant.int8 import open_int8
 
         return open_int8(path)
+    if packed:
+        raise LmsmithError(f"{path}: packed inference needs quantized weights (a .gguf file or an int8 "
+                           "directory), this holds float ones; make one with `lmsmith quantize`")
     from .checkpoint import open_hf_dir
 
     return open_hf_dir(path)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-         device: torch.device | str | None = None) -> tuple[Transformer, Any]:
+         device: torch.device | str | None = None, packed: bool = False) -> tuple[Transformer, Any]:
     """Load a model (and its tokenizer, if the file or directory has one).
 
     Args:
@@ -91,6 +97,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
             dtype of the file (or config.json's `torch_dtype` when the file mixes dtypes; fp32 for
             GGUF and the float parts of int8).
         device: where the weights go; None means CPU.
+        packed: keep a GGUF file's quantized matrices packed (`QuantLinear` / `QuantEmbedding`:
+            resident memory about the file's size, products run on the packed bytes) instead of
+            dequantizing them. int8 directories are always packed; a float checkpoint is an error.
 
     Returns:
         `(model, tokenizer)`; tokenizer is None when there is none. The model is in eval mode.
@@ -100,7 +109,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     """
     from .precision import parse_dtype
 
-    source = open_source(path)
+    source = open_source(path, packed=packed)
     model = build(source, parse_dtype(dtype), torch.device(device) if device is not None else torch.device("cpu"))
     return model, (source.tokenizer() if source.tokenizer else None)
 
@@ -154,7 +163,7 @@ def build(source: WeightSource, dtype: torch.dtype | None, device: torch.device)
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LmsmithError(f"{path}: missing tensors {shown}; the file is incomplete or {source.where} does "
                            "not match the weights")
-    for name, module in (source.packed(device) if source.packed else {}).items():
+    for name, module in (source.packed(dtype, device) if source.packed else {}).items():
         model.set_submodule(name, module)
     state = source.read(dtype, device)
     model.load_state_dict(state, strict=False, assign=True)

@@ -229,7 +229,7 @@ class Transformer(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the LM head with the embedding when the config says so (call after loading)."""
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and isinstance(self.lm_head, nn.Linear):  # packed heads share bytes instead
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(
@@ -280,7 +280,7 @@ class Transformer(nn.Module):
         Wrappers that keep state in the cache (prompt tuning) override this; callers should
         make caches here rather than with `KVCache(...)` directly.
         """
-        w = self.model.embed_tokens.weight
+        w = self.model.norm.weight  # always a float tensor, also when the embedding is packed
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, dtype=dtype or w.dtype,
                        device=device or w.device)
 
@@ -318,7 +318,7 @@ class Transformer(nn.Module):
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after materialising from the meta device)."""
-        self.inv_freq = rope_inv_freq(self.config, device=self.model.embed_tokens.weight.device)
+        self.inv_freq = rope_inv_freq(self.config, device=self.model.norm.weight.device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -13,8 +13,9 @@ from test_gguf import PROMPTS, logits, make_model  # noqa: I001  (tests dir is o
 from lmsmith.errors import LmsmithError
 from lmsmith.loader import load as load_int8
 from lmsmith.quant import QType, dequantize, quantize
+from lmsmith.quant.dequant_torch import q4_k as dequantize_q4_k_torch
 from lmsmith.quant.int8 import is_int8_dir, save_int8
-from lmsmith.quant.linear import QuantLinear, apply_quantization, dequantize_q4_k_torch, resident_bytes
+from lmsmith.quant.linear import QuantLinear, apply_quantization, resident_bytes
 
 
 @pytest.fixture(scope="module")

@@ -559,14 +559,17 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: P
     )
 
 
-def open_gguf(path: str | os.PathLike):
+def open_gguf(path: str | os.PathLike, packed: bool = False):
     """A `loader.WeightSource` for a GGUF file (ours, or llama.cpp's converter's).
 
     The header is validated first (every count, length and tensor range against the file size);
     the config is rebuilt from the metadata and the tokenizer from tokens + merges + pre-tokenizer
     name. Every tensor is dequantized with lmsmith's own codecs to float32 (then the loader's dtype,
-    default float32), q/k un-permuted for the llama architecture. The tokenizer is None (with a
-    warning) when the file's tokenizer is not byte-level BPE with a pre-tokenizer lmsmith knows.
+    default float32), q/k un-permuted for the llama architecture. With `packed`, every matrix of a
+    block type (Q8_0, Q4_0, Q5_0, Q5_1, Q3_K..Q6_K) keeps its bytes instead, as a `QuantLinear`
+    (or `QuantEmbedding` for the token table, which a tied head then shares); q/k rows are
+    un-permuted as bytes. The tokenizer is None (with a warning) when the file's tokenizer is not
+    byte-level BPE with a pre-tokenizer lmsmith knows.
     """
     from ..loader import WeightSource
 
@@ -595,20 +598,49 @@ def open_gguf(path: str | os.PathLike):
             raise LmsmithError(f"{path}: unexpected tensor {g!r} for a {arch} model")
         by_hf[n] = g
 
+    def hf_layout(arr: np.ndarray, g: str) -> np.ndarray:
+        """Rows of a tensor in our (Hugging Face) order: llama's q/k rows are interleaved in the file."""
+        if arch == "llama" and g.endswith(("attn_q.weight", "attn_q.bias")):
+            return unpermute_qk(arr, cfg.n_heads)
+        if arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
+            return unpermute_qk(arr, cfg.n_kv_heads)
+        return arr
+
+    from .linear import PACKED_FORMATS
+
+    kept = {n for n, g in by_hf.items() if packed and n.endswith(".weight") and len(tensors[g][0]) == 2
+            and QType(tensors[g][1]).name.lower() in PACKED_FORMATS}
+    biases = {n.removesuffix(".weight") + ".bias" for n in kept} & set(by_hf)
+
+    def tensor(n: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        shape, ttype, t = tensors[by_hf[n]]
+        arr = hf_layout(_dequant_tensor(t.data, ttype, shape), by_hf[n])
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=dtype or torch.float32)
+
     def read(dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
-        state = {}
-        for n, g in by_hf.items():
-            shape, ttype, t = tensors[g]
-            arr = _dequant_tensor(t.data, ttype, shape)
-            if arch == "llama" and g.endswith(("attn_q.weight", "attn_q.bias")):
-                arr = unpermute_qk(arr, cfg.n_heads)
-            elif arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
-                arr = unpermute_qk(arr, cfg.n_kv_heads)
-            state[n] = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=dtype or torch.float32)
-        return state
+        return {n: tensor(n, dtype, device) for n in by_hf if n not in kept and n not in biases}
+
+    def packed_modules(dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.nn.Module]:
+        from .linear import QuantEmbedding, QuantLinear
+
+        modules: dict[str, torch.nn.Module] = {}
+        for n in sorted(kept):
+            (rows, cols), ttype, t = tensors[by_hf[n]]
+            data = hf_layout(np.asarray(t.data, dtype=np.uint8).reshape(rows, -1), by_hf[n])
+            qweight = torch.from_numpy(np.array(data, dtype=np.uint8)).to(device)  # a copy: the file is closed after
+            fmt, name = QType(ttype).name.lower(), n.removesuffix(".weight")
+            if name == "model.embed_tokens":
+                modules[name] = QuantEmbedding(rows, cols, fmt, qweight, dtype=dtype or torch.float32)
+                if cfg.tie_embeddings:
+                    modules["lm_head"] = QuantLinear(cols, rows, fmt, qweight)
+            else:
+                bias = tensor(f"{name}.bias", None, device) if f"{name}.bias" in biases else None
+                modules[name] = QuantLinear(cols, rows, fmt, qweight, bias=bias)
+        return modules
 
     return WeightSource(path=path, where="GGUF metadata", config=cfg,
                         shapes={n: tensors[g][0] for n, g in by_hf.items()}, read=read,
+                        packed=packed_modules if kept else None,
                         tokenizer=lambda: tokenizer_from_metadata(meta, path))
 
 

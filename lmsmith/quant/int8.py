@@ -134,7 +134,7 @@ def open_int8(path: str | os.PathLike):
             t = t.float() * st.get_tensor(name + SCALE_SUFFIX).float()[:, None]
         return t
 
-    def packed(device: torch.device) -> dict[str, torch.nn.Module]:
+    def packed(dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.nn.Module]:
         modules = {}
         with safe_open(file, framework="pt") as st:
             for name in packed_weights:

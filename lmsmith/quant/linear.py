@@ -1,16 +1,21 @@
-"""Quantized inference: a linear layer whose weight stays packed in memory.
+"""Quantized inference: linear layers (and the embedding) whose weights stay packed in memory.
 
-`QuantLinear` keeps its weight as the bytes of a block format (uint8 buffer of
-GGUF Q8_0 or Q4_K blocks) or as int8 with one float scale per output row, and
-dequantizes it inside `forward`, in chunks of output rows, in torch (vectorised
-bit operations, so it runs wherever torch runs). Nothing dequantized is cached:
-resident memory is the packed size (Q4_K: 4.5 bits per weight) plus one chunk.
+`QuantLinear` keeps its weight as the bytes of a GGUF block type (Q8_0, Q4_0, Q5_0, Q5_1, Q3_K,
+Q4_K, Q5_K, Q6_K: the types llama.cpp's mixes use) or as int8 with one float scale per output
+row. Its product never builds the whole float weight:
 
-`apply_quantization(model, scheme)` swaps the `nn.Linear` modules of a built
-model for `QuantLinear` ones (principle 1: the model itself knows nothing of
-this). The embedding stays a float table (a lookup, not a matmul); a tied LM
-head stays tied to it, an untied one is quantized with at least 8 bits because
-the output projection is the most sensitive matrix (llama.cpp does the same).
+- few rows (decode, up to `KERNEL_ROWS` tokens) on CPU: the C++ kernels of kernels.py, which
+  unpack 256 weights at a time into L1 and multiply them there;
+- more rows (prefill), or no kernels: the weight is dequantized in chunks of output rows
+  (`_CHUNK_WEIGHTS` at a time) and multiplied with torch's matmul, which is compute-bound there.
+
+Both use exactly lmsmith's dequantized values, so logits equal dequantize-then-matmul up to float
+rounding. Resident memory is the packed size (Q4_K: 4.5 bits per weight) plus one chunk.
+`QuantEmbedding` is the packed token table: a lookup dequantizes only the rows it reads, and a
+tied head is a `QuantLinear` over the same bytes.
+
+`apply_quantization(model, scheme)` swaps the `nn.Linear` modules of a built model for
+`QuantLinear` ones (principle 1: the model itself knows nothing of this).
 """
 
 from __future__ import annotations
@@ -21,13 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LmsmithError
+from . import kernels
 from .blocks import QType, quantize, type_info
+from .dequant_torch import DEQUANTIZE
 
-# Formats QuantLinear can hold, by the name `apply_quantization` takes.
-QUANT_LINEAR_SCHEMES = ("int8", "q8_0", "q4_k")
+# Formats a packed layer can hold: int8 with row scales, and the GGUF block types.
+PACKED_FORMATS = tuple(kernels.TYPE_CODES)
+QUANT_LINEAR_SCHEMES = ("int8", "q8_0", "q4_k", "q4_k_m", "q3_k_m")  # what apply_quantization takes
 
-# Weights dequantized per chunk in forward: bounds the temporary (4M fp32 weights = 16 MB).
+# Weights dequantized per chunk on the many-rows path: bounds the temporary (4M fp32 weights = 16 MB).
 _CHUNK_WEIGHTS = 1 << 22
+# Up to this many rows the kernels' product beats dequantize + BLAS (measured on AVX2, bench/quant_decode_speed.py).
+KERNEL_ROWS = 32
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,48 +49,61 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _f16(data: torch.Tensor, start: int) -> torch.Tensor:
-    """The float16 stored at byte `start` of every block (n, type_size), as float32 (n, 1)."""
-    return data[:, start:start + 2].contiguous().view(torch.float16).float()
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
-def dequantize_q8_0_torch(data: torch.Tensor) -> torch.Tensor:
-    """Q8_0 blocks (n, 34) uint8 -> float32 (n, 32)."""
-    return _f16(data, 0) * data[:, 2:34].contiguous().view(torch.int8).float()
+class _Packed(nn.Module):
+    """Rows of packed weights: `qweight` (int8 (rows, cols), or uint8 (rows, row bytes)), `weight_scale` (int8)."""
+
+    def _init_packed(self, rows: int, cols: int, fmt: str, qweight: torch.Tensor, weight_scale: torch.Tensor | None):
+        if fmt not in PACKED_FORMATS:
+            raise LmsmithError(f"unknown packed format {fmt!r}; known: {', '.join(PACKED_FORMATS)}")
+        self.fmt, self.rows, self.cols = fmt, rows, cols
+        self.qtype = None if fmt == "int8" else QType[fmt.upper()]
+        if self.qtype is not None and cols % type_info(self.qtype).block_size:
+            raise LmsmithError(f"{fmt} needs rows that are a multiple of {type_info(self.qtype).block_size} "
+                               f"weights, got {cols}")
+        row_bytes = cols if fmt == "int8" else type_info(self.qtype).row_bytes(cols)
+        if qweight.numel() != rows * row_bytes:
+            raise LmsmithError(f"{fmt} weight of {rows} x {cols} needs {rows * row_bytes} bytes, got {qweight.numel()}")
+        self.register_buffer("qweight", qweight.reshape(rows, row_bytes))
+        scale = weight_scale.float().contiguous() if weight_scale is not None else None
+        self.register_buffer("weight_scale", scale)
+
+    def _kernels(self, device: torch.device):
+        return kernels.library() if device.type == "cpu" else None
+
+    def dequantize_rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows start:end of the weight, dequantized to `dtype` (end - start, cols)."""
+        q = self.qweight[start:end]
+        scale = self.weight_scale[start:end] if self.weight_scale is not None else None
+        if self._kernels(q.device) is not None:
+            return kernels.dequantize(self.fmt, q, scale, end - start, self.cols).to(dtype)
+        if self.fmt == "int8":
+            return q.to(dtype) * scale[:, None].to(dtype)
+        info = type_info(self.qtype)
+        return DEQUANTIZE[self.qtype](q.reshape(-1, info.type_size)).reshape(end - start, self.cols).to(dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole weight as a float tensor (rows, cols) (for tests and export; forward never builds it)."""
+        return self.dequantize_rows(0, self.rows, dtype)
 
 
-def dequantize_q4_k_torch(data: torch.Tensor) -> torch.Tensor:
-    """Q4_K super-blocks (n, 144) uint8 -> float32 (n, 256), the same values as `dequantize(..., Q4_K)`."""
-    n = data.shape[0]
-    d, dmin = _f16(data, 0), _f16(data, 2)
-    s = data[:, 4:16]
-    # 8 sub-blocks, each with a 6-bit scale and a 6-bit min packed into 12 bytes (ggml get_scale_min_k4)
-    sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], dim=1).float()
-    mn = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1).float()
-    qs = data[:, 16:144].reshape(n, 4, 1, 32)
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32).float()  # chunk c: sub-blocks 2c, 2c+1
-    return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(n, 256)
+class QuantLinear(_Packed):
+    """`y = x W^T + b` with W held packed (int8 + row scales, or a GGUF block type).
 
-
-_TORCH_DEQUANT = {QType.Q8_0: dequantize_q8_0_torch, QType.Q4_K: dequantize_q4_k_torch}
-
-
-class QuantLinear(nn.Module):
-    """`y = x W^T + b` with W held packed (int8 + row scales, Q8_0 or Q4_K) and dequantized per forward.
-
-    Build with `QuantLinear.from_linear(linear, fmt)`; `fmt` is "int8", "q8_0" or "q4_k".
-    Buffers: `qweight` (int8 (out, in) or uint8 (out, row_bytes)), `weight_scale` (int8 only), `bias`.
+    Build with `QuantLinear.from_linear(linear, fmt)` or from bytes a file holds:
+    `QuantLinear(in_features, out_features, fmt, qweight, weight_scale=None, bias=None)`.
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: str, qweight: torch.Tensor,
                  weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None):
         super().__init__()
-        if fmt not in QUANT_LINEAR_SCHEMES:
-            raise LmsmithError(f"unknown QuantLinear format {fmt!r}; known: {', '.join(QUANT_LINEAR_SCHEMES)}")
-        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        self.qtype = None if fmt == "int8" else QType[fmt.upper()]
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("weight_scale", weight_scale)
+        self._init_packed(out_features, in_features, fmt, qweight, weight_scale)
+        self.in_features, self.out_features = in_features, out_features
         # bias stays a parameter: fine-tuning code may still want to train it
         self.bias = nn.Parameter(bias.detach().float(), requires_grad=False) if bias is not None else None
         self._rows_per_chunk = max(1, _CHUNK_WEIGHTS // max(in_features, 1))
@@ -100,82 +123,125 @@ class QuantLinear(nn.Module):
         packed = torch.from_numpy(quantize(w.float().cpu().numpy(), qt)).to(w.device)
         return cls(linear.in_features, linear.out_features, fmt, packed, None, bias)
 
-    def dequantize_rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows start:end of the weight, dequantized to `dtype` (end - start, in_features)."""
-        if self.fmt == "int8":
-            return (self.qweight[start:end].to(dtype) * self.weight_scale[start:end, None].to(dtype))
-        info = type_info(self.qtype)
-        blocks = self.qweight[start:end].reshape(-1, info.type_size)
-        return _TORCH_DEQUANT[self.qtype](blocks).reshape(end - start, self.in_features).to(dtype)
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The whole weight as a float tensor (out, in) (for tests and export; forward never builds it)."""
-        return self.dequantize_rows(0, self.out_features, dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        step = self._rows_per_chunk
-        if step >= self.out_features:
-            if self.fmt == "int8":  # the scale commutes with the matmul: scale the outputs, not the weights
-                y = F.linear(x, self.qweight.to(dtype)) * self.weight_scale.to(dtype)
-            else:
-                y = F.linear(x, self.dequantize_rows(0, self.out_features, dtype))
+        """x (..., in_features) -> (..., out_features), in x's dtype (or autocast's)."""
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= KERNEL_ROWS and self._kernels(x.device) is not None:
+            y = kernels.matmul(self.fmt, self.qweight, self.weight_scale, x2, self.out_features).to(dtype)
         else:
-            y = torch.cat([F.linear(x, self.dequantize_rows(s, min(s + step, self.out_features), dtype))
+            x2, step = x2.to(dtype), self._rows_per_chunk
+            y = torch.cat([F.linear(x2, self.dequantize_rows(s, min(s + step, self.out_features), dtype))
                            for s in range(0, self.out_features, step)], dim=-1)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
-        return y
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, " \
                f"bias={self.bias is not None}"
 
 
+class QuantEmbedding(_Packed):
+    """A token table held packed: `forward(ids (B, T)) -> (B, T, dim)` dequantizes only the rows looked up.
+
+    `dtype` is the dtype of the rows it returns (the model's float dtype).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str, qweight: torch.Tensor,
+                 weight_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self._init_packed(num_embeddings, embedding_dim, fmt, qweight, weight_scale)
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        q = self.qweight.index_select(0, flat)
+        scale = self.weight_scale.index_select(0, flat) if self.weight_scale is not None else None
+        if self._kernels(q.device) is not None:
+            rows = kernels.dequantize(self.fmt, q, scale, flat.numel(), self.embedding_dim)
+        elif self.fmt == "int8":
+            rows = q.float() * scale[:, None]
+        else:
+            rows = DEQUANTIZE[self.qtype](q.reshape(-1, type_info(self.qtype).type_size))
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"
+
+
 def _pick_format(scheme: str, in_features: int, head: bool) -> str:
+    """One type for every layer ("q8_0", "q4_k"), the head with 8 bits at least; rows that do not
+    fit fall back to q8_0, then to per-row int8, which fits any row."""
     if head and scheme == "q4_k":
         scheme = "q8_0"  # the output projection gets more bits (llama.cpp: Q6_K)
     if scheme in ("q4_k", "q8_0"):
         if in_features % type_info(QType[scheme.upper()]).block_size == 0:
             return scheme
-        # llama.cpp-style fallback to a smaller block, then to per-row int8 which fits any row
         return "q8_0" if in_features % 32 == 0 else "int8"
     return scheme
 
 
+def _mix_formats(model: nn.Module, scheme: str) -> dict[str, str]:
+    """`{module name: format}` as llama.cpp's mix `scheme` types each tensor (mixes.py), the embedding included."""
+    from .gguf import gguf_name
+    from .mixes import tensor_types
+
+    mats = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    if getattr(model.config, "tie_embeddings", False):
+        mats.pop("lm_head", None)
+    types = tensor_types(scheme, {gguf_name(f"{n}.weight"): tuple(s) for n, s in mats.items()}, model.config.n_layers)
+    formats = {}
+    for name in mats:
+        t = types[gguf_name(f"{name}.weight")]
+        formats[name] = t.name.lower() if t.name.lower() in PACKED_FORMATS else "int8"  # an F16 fallback row
+    return formats
+
+
 @torch.no_grad()
 def apply_quantization(model: nn.Module, scheme: str, *, quantize_head: bool = True) -> dict[str, str]:
-    """Replace the model's linear layers by packed `QuantLinear`s, in place.
+    """Replace the model's linear layers (and, for a mix, its embedding) by packed modules, in place.
 
     Args:
         model: a lmsmith Transformer (any float dtype, CPU or GPU).
-        scheme: "int8" (per-row symmetric), "q8_0" or "q4_k" (GGUF blocks; rows that do
-            not fit fall back to q8_0, then int8).
-        quantize_head: also quantize an untied LM head (8-bit at least); a tied head
-            always stays the (float) embedding.
+        scheme: "int8" (per-row symmetric); "q8_0" or "q4_k" (one GGUF type for every layer, the
+            head 8 bits; rows that do not fit fall back to q8_0, then int8); or a llama.cpp mix,
+            "q4_k_m" / "q3_k_m", which types every tensor as `lmsmith quantize` does (Q6_K head,
+            some value/down projections with more bits) and packs the embedding too, so the model
+            holds the same bytes as the GGUF file.
+        quantize_head: also quantize an untied LM head (not for mixes, which always do);
+            a tied head follows the embedding (float, or packed by a mix).
 
     Returns:
         `{module name: format}` for every module replaced.
     """
     key = str(scheme).lower()
-    if key == "q4_k_m":
-        key = "q4_k"
     if key not in QUANT_LINEAR_SCHEMES:
         raise LmsmithError(f"unknown packed-inference scheme {scheme!r}; known: {', '.join(QUANT_LINEAR_SCHEMES)}")
     tied = bool(getattr(getattr(model, "config", None), "tie_embeddings", False))
-    done: dict[str, str] = {}
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in targets:
-        head = name == "lm_head"
-        if head and (tied or not quantize_head):
-            continue
-        fmt = _pick_format(key, linear.in_features, head)
-        model.set_submodule(name, QuantLinear.from_linear(linear, fmt))
-        done[name] = fmt
+    if key in ("q4_k_m", "q3_k_m"):
+        done = _mix_formats(model, key)
+    else:
+        done = {name: _pick_format(key, m.in_features, name == "lm_head") for name, m in model.named_modules()
+                if isinstance(m, nn.Linear) and not (name == "lm_head" and (tied or not quantize_head))}
+    for name, fmt in done.items():
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            packed = QuantLinear.from_linear(_as_linear(module), fmt)
+            model.set_submodule(name, QuantEmbedding(module.num_embeddings, module.embedding_dim, fmt,
+                                                     packed.qweight, packed.weight_scale, module.weight.dtype))
+            if tied:  # the head reads the same bytes
+                model.lm_head = QuantLinear(module.embedding_dim, module.num_embeddings, fmt, packed.qweight,
+                                            packed.weight_scale)
+        else:
+            model.set_submodule(name, QuantLinear.from_linear(module, fmt))
     return done
+
+
+def _as_linear(emb: nn.Embedding) -> nn.Linear:
+    lin = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
+    lin.weight = emb.weight
+    return lin
 
 
 def resident_bytes(model: nn.Module) -> int:
