@@ -4,13 +4,16 @@
 Q4_K, Q5_K, Q6_K: the types llama.cpp's mixes use) or as int8 with one float scale per output
 row. Its product never builds the whole float weight:
 
-- few rows (decode, up to `KERNEL_ROWS` tokens) on CPU: the C++ kernels of kernels.py, which
-  unpack 256 weights at a time into L1 and multiply them there;
+- few rows (decode, up to `KERNEL_ROWS` tokens) on CPU: the C++ kernels of kernels.py. By default
+  they round the activations to int8 and multiply blocks in integers, as llama.cpp does (about
+  0.6% relative error per product); with `exact = True` (`set_exact(model)`) they multiply float
+  activations with the dequantized weights;
 - more rows (prefill), or no kernels: the weight is dequantized in chunks of output rows
   (`_CHUNK_WEIGHTS` at a time) and multiplied with torch's matmul, which is compute-bound there.
 
-Both use exactly lmsmith's dequantized values, so logits equal dequantize-then-matmul up to float
-rounding. Resident memory is the packed size (Q4_K: 4.5 bits per weight) plus one chunk.
+Exact mode and the many-rows path use exactly lmsmith's dequantized values, so logits equal
+dequantize-then-matmul up to float rounding. Resident memory is the packed size (Q4_K: 4.5 bits
+per weight) plus one chunk.
 `QuantEmbedding` is the packed token table: a lookup dequantizes only the rows it reads, and a
 tied head is a `QuantLinear` over the same bytes.
 
@@ -97,7 +100,10 @@ class QuantLinear(_Packed):
 
     Build with `QuantLinear.from_linear(linear, fmt)` or from bytes a file holds:
     `QuantLinear(in_features, out_features, fmt, qweight, weight_scale=None, bias=None)`.
+    `exact` (default False): float activations in the few-row product (see the module docstring).
     """
+
+    exact = False
 
     def __init__(self, in_features: int, out_features: int, fmt: str, qweight: torch.Tensor,
                  weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None):
@@ -126,16 +132,26 @@ class QuantLinear(_Packed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features), in x's dtype (or autocast's)."""
         dtype = _compute_dtype(x)
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= KERNEL_ROWS and self._kernels(x.device) is not None:
-            y = kernels.matmul(self.fmt, self.qweight, self.weight_scale, x2, self.out_features).to(dtype)
+        if x.is_cpu and x.numel() <= KERNEL_ROWS * self.in_features and kernels.library() is not None:
+            y = self._product()(x, self.exact)  # the decode path: few rows, the kernels
+            y = y if dtype == torch.float32 else y.to(dtype)
         else:
+            x2 = x.reshape(-1, self.in_features)
             x2, step = x2.to(dtype), self._rows_per_chunk
             y = torch.cat([F.linear(x2, self.dequantize_rows(s, min(s + step, self.out_features), dtype))
                            for s in range(0, self.out_features, step)], dim=-1)
+            y = y.reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y
+
+    def _product(self) -> kernels.Product:
+        """The kernel call for this weight, rebuilt if the buffer moved (`.to()`, `load_state_dict`)."""
+        p, buffers = self.__dict__.get("_bound"), self._buffers  # plain dict lookups: this runs every call
+        if p is None or p.qweight is not buffers["qweight"] or p.scales is not buffers["weight_scale"]:
+            p = self._bound = kernels.Product(self.fmt, self.qweight, self.weight_scale, self.out_features,
+                                              self.in_features)
+        return p
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, " \
@@ -242,6 +258,14 @@ def _as_linear(emb: nn.Embedding) -> nn.Linear:
     lin = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
     lin.weight = emb.weight
     return lin
+
+
+def set_exact(model: nn.Module, exact: bool = True) -> nn.Module:
+    """Make every `QuantLinear` of `model` multiply float activations (exact) or int8 ones (fast); returns `model`."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.exact = exact
+    return model
 
 
 def resident_bytes(model: nn.Module) -> int:
