@@ -72,7 +72,9 @@ class _Packed(nn.Module):
         row_bytes = cols if fmt == "int8" else type_info(self.qtype).row_bytes(cols)
         if qweight.numel() != rows * row_bytes:
             raise LmsmithError(f"{fmt} weight of {rows} x {cols} needs {rows * row_bytes} bytes, got {qweight.numel()}")
-        self.register_buffer("qweight", qweight.reshape(rows, row_bytes))
+        if qweight.shape != (rows, row_bytes):  # else keep the very tensor given: a tied head shares it
+            qweight = qweight.reshape(rows, row_bytes)
+        self.register_buffer("qweight", qweight)
         scale = weight_scale.float().contiguous() if weight_scale is not None else None
         self.register_buffer("weight_scale", scale)
 

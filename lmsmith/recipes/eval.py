@@ -22,6 +22,8 @@ template (compared after strip), per task, with a few examples."""
 
 
 def add_arguments(p) -> None:
+    from .generate import add_packed_argument
+
     p.add_argument("model", help="model directory (or .gguf file)")
     p.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or .jsonl files")
     p.add_argument("--tasks", metavar="FILE", help="instruction data with answers (e.g. from `lmsmith data synth`): "
@@ -36,6 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-docs", type=int, default=None, help="score at most this many documents")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
+    add_packed_argument(p)
 
 
 def run(args) -> int:
@@ -43,16 +46,14 @@ def run(args) -> int:
     from ..decoding.layout import use_decode_layout
     from ..errors import LmsmithError
     from ..eval import perplexity
-    from ..loader import load
+    from .generate import load_model
 
     if not args.data and not args.tasks:
         raise LmsmithError("give --data PATH (perplexity on text) or --tasks FILE (exact-match accuracy), or both")
     for path in args.data or ():  # before the model loads: a typo should not cost a model load
         if not Path(path).exists():
             raise LmsmithError(f"--data {path}: no such file or folder; give held-out text files, folders or .jsonl")
-    model, tokenizer = load(args.model)
-    if tokenizer is None:
-        raise LmsmithError(f"{args.model}: no tokenizer.json beside the weights; eval needs the model's tokenizer")
+    model, tokenizer = load_model(args)
     if args.adapter:
         from ..adapters import load_adapter
 

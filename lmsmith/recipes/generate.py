@@ -52,6 +52,7 @@ def add_generation_arguments(p) -> None:
     g.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute precision policy (default: fp32)")
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    add_packed_argument(g)
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
 
 
@@ -71,15 +72,36 @@ def config_from_args(args, **changes):
     return GenerationConfig(**kw)
 
 
-def load_for_generation(args):
-    """(model, tokenizer) from args.model on args.device; a clear error when the tokenizer is missing."""
+def add_packed_argument(p) -> None:
+    p.add_argument("--packed", action="store_true",
+                   help="keep a .gguf file's quantized weights packed: resident memory about the file's size, and "
+                        "the products run on the packed bytes (faster than float on CPU; int8 directories always "
+                        "are packed)")
+
+
+def load_model(args):
+    """(model, tokenizer) from args.model (args.device, --packed); errors for a missing tokenizer and for
+    an adapter on packed weights."""
     from ..errors import LmsmithError
     from ..loader import load
     from ..precision import default_device
 
-    model, tokenizer = load(args.model, device=args.device or default_device())
+    packed = getattr(args, "packed", False)
+    if packed and getattr(args, "adapter", None):
+        raise LmsmithError("--adapter does not apply to --packed weights; merge it into the model (lmsmith merge), "
+                           "quantize that, then run it --packed")
+    device = (args.device or default_device()) if hasattr(args, "device") else None  # eval: CPU
+    model, tokenizer = load(args.model, device=device, packed=packed)
     if tokenizer is None:
-        raise LmsmithError(f"{args.model}: no tokenizer.json beside the weights; generation needs the tokenizer")
+        where = "the file holds no tokenizer lmsmith can read" if str(args.model).lower().endswith(".gguf") else \
+            "no tokenizer.json beside the weights"
+        raise LmsmithError(f"{args.model}: {where}; lmsmith needs the model's tokenizer")
+    return model, tokenizer
+
+
+def load_for_generation(args):
+    """(model, tokenizer) from args.model on args.device, adapter applied, in the decode layout."""
+    model, tokenizer = load_model(args)
     if getattr(args, "adapter", None):
         from ..adapters import load_adapter
 

@@ -14,6 +14,8 @@ DESCRIPTION = __doc__.split("\n", 2)[2].strip() if __doc__ else HELP
 
 
 def add_arguments(p) -> None:
+    from .generate import add_packed_argument
+
     p.add_argument("model", help="model directory (or .gguf file)")
     p.add_argument("--prompt", required=True, help="the text whose next token is predicted")
     p.add_argument("--top", type=int, default=5, help="rows in the table (default: 5)")
@@ -24,6 +26,7 @@ def add_arguments(p) -> None:
                    help="for a prompt from the stories grammar (`data synth --task stories`, in the built-in "
                         "corpus): the model's probability of each next word beside the grammar's exact one, and the KL")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    add_packed_argument(p)
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
 
 

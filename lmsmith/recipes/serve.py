@@ -21,6 +21,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p) -> None:
+    from .generate import add_packed_argument
+
     p.add_argument("model", help="model directory, .gguf file or int8 directory")
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -38,6 +40,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute precision policy (default: fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    add_packed_argument(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (default: warning; info logs every request)")
 
