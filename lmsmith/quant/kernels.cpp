@@ -406,17 +406,17 @@ inline float hsum(__m256 v) {
 
 inline __m256i ld256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// int16 lanes: low half = s[i], high half = s[j] (s: 16 int16 scales in one register, lanes 0..15)
-inline __m256i pair_scales(__m256i s, int i, int j) {
-    const __m256i lo = _mm256_permute4x64_epi64(s, 0x44), hi = _mm256_permute4x64_epi64(s, 0xEE);  // [0..7]x2, [8..15]x2
-    const __m256i si = i < 8 ? lo : hi, sj = j < 8 ? lo : hi;
-    const __m256i bi = _mm256_shuffle_epi8(si, _mm256_set1_epi16(short(((2 * (i % 8) + 1) << 8) | (2 * (i % 8)))));
-    const __m256i bj = _mm256_shuffle_epi8(sj, _mm256_set1_epi16(short(((2 * (j % 8) + 1) << 8) | (2 * (j % 8)))));
-    return _mm256_blend_epi32(bi, bj, 0xF0);
+// The madd factor of each 32-weight chunk: int16 lanes 0-7 scale weights 0-15, lanes 8-15 weights 16-31
+inline void chunk_scales_16(const int16_t* sc, __m256i* out) {  // 16 scales of 16 weights each
+    for (int k = 0; k < 8; k++) out[k] = _mm256_set_m128i(_mm_set1_epi16(sc[2 * k + 1]), _mm_set1_epi16(sc[2 * k]));
+}
+inline void chunk_scales_32(const int16_t* sc, __m256i* out) {  // 8 scales of 32 weights each
+    for (int k = 0; k < 8; k++) out[k] = _mm256_set1_epi16(sc[k]);
 }
 
-// Q4_K / Q5_K scales and mins as 16 int16 lanes each pair-duplicated (lanes 2s, 2s + 1 = sub-block s)
-inline void k4_scales(const uint8_t* b, __m256i& sc, __m256i& mn) {
+// Q4_K / Q5_K: the 8 six-bit scales (sc) and mins (mins, pair-duplicated into 16 int16 lanes to meet
+// the activations' 16-sums), unpacked with ggml's word tricks
+inline void k4_scales(const uint8_t* b, int16_t* sc, __m256i& mins) {
     uint32_t u[4];
     std::memcpy(u, b + 4, 12);
     const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
@@ -425,127 +425,167 @@ inline void k4_scales(const uint8_t* b, __m256i& sc, __m256i& mn) {
     u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
     u[2] = mins_lo;
     u[0] &= k1;  // bytes of u[0], u[1]: the 8 scales; of u[2], u[3]: the 8 mins
-    const __m128i s8 = _mm_set_epi32(int(u[1]), int(u[0]), int(u[1]), int(u[0]));
+    uint8_t bytes[16];
+    std::memcpy(bytes, u, 16);
+    for (int j = 0; j < 8; j++) sc[j] = bytes[j];
     const __m128i m8 = _mm_set_epi32(int(u[3]), int(u[2]), int(u[3]), int(u[2]));
-    const __m128i dup = _mm_set_epi8(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    sc = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(s8, dup));
-    mn = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(m8, dup));
+    mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(m8, _mm_set_epi8(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0)));
 }
 
-template <bool Five>
-float dot_k45(const uint8_t* row, int64_t K, const QRow& a) {
+// Each dot function computes out[r] = row . a[r] for R activation rows at once: the weight bits are
+// unpacked once per block and used R times (batched decode, serving).
+
+template <int R>
+struct Acts {  // the R activation rows' data for one weight block
+    const int8_t* q[R];
+    const int16_t* bsums[R];
+    float d[R];
+    Acts(const QRow* const* a, int64_t b, int block) {
+        for (int r = 0; r < R; r++) {
+            q[r] = a[r]->q.data() + b * block;
+            bsums[r] = a[r]->bsums.data() + b * block / 16;
+            d[r] = a[r]->d[size_t(b)];
+        }
+    }
+};
+
+// sum[r] += madd(maddubs(q, a[r] chunk k), scale): u8 weights x s8 activations, then the chunk's scales
+template <int R>
+inline void chunk_rows(const Acts<R>& a, int k, __m256i q, __m256i scale, __m256i* sum) {
+    for (int r = 0; r < R; r++)
+        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, ld256(a.q[r] + 32 * k)), scale));
+}
+
+template <bool Five, int R>
+void dot_k45(const uint8_t* row, int64_t K, const QRow* const* rows, float* out) {
     constexpr int bytes = Five ? 176 : 144;
     const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / 256; b++) {
         const uint8_t* x = row + b * bytes;
-        const int8_t* q8 = a.q.data() + b * 256;
-        __m256i sc, mn;
-        k4_scales(x, sc, mn);
+        const Acts<R> a(rows, b, 256);
+        int16_t sc[8];
+        __m256i mins, scv[8], sum[R];
+        k4_scales(x, sc, mins);
+        chunk_scales_32(sc, scv);
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
         const __m256i qh = Five ? ld256(x + 16) : _mm256_setzero_si256();
         const uint8_t* qs = x + (Five ? 48 : 16);
-        __m256i sum = _mm256_setzero_si256();
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < 4; j++) {  // sub-blocks 2j (low nibbles) and 2j + 1 (high)
             const __m256i bits = ld256(qs + 32 * j);
-            __m256i ql = _mm256_and_si256(bits, m4), qhi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
             if (Five) {
-                ql = _mm256_or_si256(ql, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
-                qhi = _mm256_or_si256(qhi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
             }
-            const __m256i pl = _mm256_maddubs_epi16(ql, ld256(q8 + 64 * j));
-            const __m256i ph = _mm256_maddubs_epi16(qhi, ld256(q8 + 64 * j + 32));
-            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pl, pair_scales(sc, 4 * j, 4 * j + 1)));
-            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(ph, pair_scales(sc, 4 * j + 2, 4 * j + 3)));
+            chunk_rows<R>(a, 2 * j, lo, scv[2 * j], sum);
+            chunk_rows<R>(a, 2 * j + 1, hi, scv[2 * j + 1], sum);
         }
-        const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums.data() + b * 16));
-        const __m256i mins = _mm256_madd_epi16(mn, bs);  // sum over sub-blocks of min * sum(q8)
-        const float da = a.d[size_t(b)];
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(h2f(x) * da), acc);
-        acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(h2f(x + 2) * da), acc);
+        const float d = h2f(x), dmin = h2f(x + 2);
+        for (int r = 0; r < R; r++) {
+            const __m256i m = _mm256_madd_epi16(mins, ld256(a.bsums[r]));  // min * sum(q8) per sub-block
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * a.d[r]), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(dmin * a.d[r]), acc[r]);
+        }
     }
-    return hsum(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
 }
 
-// 16 int8 scales of 16-weight groups (Q6_K raw, Q3_K decoded) -> int16 lanes 0..15
-float dot_q6_k(const uint8_t* row, int64_t K, const QRow& a) {
+// Q6_K and Q3_K: unsigned q with a zero point z (32, 4) and 16 signed scales of 16 weights; the zero
+// point comes off through the activations' 16-sums: sum (q - z) a = sum q a - z sum a.
+template <int R>
+void finish_zero_point(const Acts<R>& a, const int16_t* sc16, int shift, float d, const __m256i* sum, __m256* acc) {
+    const __m256i sc = ld256(sc16);
+    for (int r = 0; r < R; r++) {
+        const __m256i z = _mm256_slli_epi32(_mm256_madd_epi16(sc, ld256(a.bsums[r])), shift);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum[r], z)), _mm256_set1_ps(d * a.d[r]), acc[r]);
+    }
+}
+
+template <int R>
+void dot_q6_k(const uint8_t* row, int64_t K, const QRow* const* rows, float* out) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / 256; b++) {
         const uint8_t* x = row + b * 210;
-        const int8_t* q8 = a.q.data() + b * 256;
-        const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 192)));
-        __m256i sum = _mm256_setzero_si256();
+        const Acts<R> a(rows, b, 256);
+        alignas(32) int16_t sc[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sc),
+                           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 192))));
+        __m256i scv[8], sum[R];
+        chunk_scales_16(sc, scv);
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
 #pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
             const __m256i ql1 = ld256(x + 64 * h), ql2 = ld256(x + 64 * h + 32), qh = ld256(x + 128 + 32 * h);
-            const __m256i q[4] = {
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4)),
-                _mm256_or_si256(_mm256_and_si256(ql2, m4),
-                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql2, 4), m4),
-                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4))};
-#pragma GCC unroll 4
-            for (int g = 0; g < 4; g++) {
-                const int k = 4 * h + g;
-                const __m256i p = _mm256_maddubs_epi16(q[g], ld256(q8 + 32 * k));
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, pair_scales(sc, 2 * k, 2 * k + 1)));
-            }
+            chunk_rows<R>(a, 4 * h, _mm256_or_si256(_mm256_and_si256(ql1, m4),
+                                                     _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4)), scv[4 * h], sum);
+            chunk_rows<R>(a, 4 * h + 1, _mm256_or_si256(_mm256_and_si256(ql2, m4),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4)), scv[4 * h + 1], sum);
+            chunk_rows<R>(a, 4 * h + 2, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4)), scv[4 * h + 2], sum);
+            chunk_rows<R>(a, 4 * h + 3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql2, 4), m4),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4)), scv[4 * h + 3], sum);
         }
-        const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums.data() + b * 16));
-        sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(_mm256_madd_epi16(sc, bs), 5));  // q - 32
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(h2f(x + 208) * a.d[size_t(b)]), acc);
+        finish_zero_point<R>(a, sc, 5, h2f(x + 208), sum, acc);  // q - 32
     }
-    return hsum(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
 }
 
-float dot_q3_k(const uint8_t* row, int64_t K, const QRow& a) {
+template <int R>
+void dot_q3_k(const uint8_t* row, int64_t K, const QRow* const* rows, float* out) {
     const __m256i m2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / 256; b++) {
         const uint8_t* x = row + b * 110;
-        const int8_t* q8 = a.q.data() + b * 256;
-        uint32_t u[4];  // the 16 six-bit scales, one per byte (word tricks as in ggml)
+        const Acts<R> a(rows, b, 256);
+        uint32_t u[4];  // the 16 six-bit scales, one per byte (word tricks as in ggml), stored + 32
         std::memcpy(u, x + 96, 12);
-        const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, hi = u[2];
-        u[2] = ((u[0] >> 4) & k2) | (((hi >> 4) & k1) << 4);
-        u[3] = ((u[1] >> 4) & k2) | (((hi >> 6) & k1) << 4);
-        u[0] = (u[0] & k2) | ((hi & k1) << 4);
-        u[1] = (u[1] & k2) | (((hi >> 2) & k1) << 4);
+        const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, top = u[2];
+        u[2] = ((u[0] >> 4) & k2) | (((top >> 4) & k1) << 4);
+        u[3] = ((u[1] >> 4) & k2) | (((top >> 6) & k1) << 4);
+        u[0] = (u[0] & k2) | ((top & k1) << 4);
+        u[1] = (u[1] & k2) | (((top >> 2) & k1) << 4);
+        alignas(32) int16_t sc[16];
         const __m128i s8 = _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)), _mm_set1_epi8(32));
-        const __m256i sc = _mm256_cvtepi8_epi16(s8);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sc), _mm256_cvtepi8_epi16(s8));
+        __m256i scv[8], sum[R];
+        chunk_scales_16(sc, scv);
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
         const __m256i hm = ld256(x);
-        __m256i sum = _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int k = 0; k < 8; k++) {
             const __m256i qs = ld256(x + 32 + 32 * (k / 4));
             const __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qs, 2 * (k % 4)), m2),
                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, k), one), 2));
-            const __m256i p = _mm256_maddubs_epi16(q, ld256(q8 + 32 * k));
-            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, pair_scales(sc, 2 * k, 2 * k + 1)));
+            chunk_rows<R>(a, k, q, scv[k], sum);
         }
-        const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums.data() + b * 16));
-        sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(_mm256_madd_epi16(sc, bs), 2));  // q - 4
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(h2f(x + 108) * a.d[size_t(b)]), acc);
+        finish_zero_point<R>(a, sc, 2, h2f(x + 108), sum, acc);  // q - 4
     }
-    return hsum(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
 }
 
 // signed int8 weights (Q8_0 blocks, or int8 rows with one scale) against per-32 activations
-template <bool Rows>
-float dot_i8(const uint8_t* row, int64_t K, const QRow& a, float row_scale) {
+template <bool RowScale, int R>
+void dot_i8(const uint8_t* row, int64_t K, const QRow* const* rows, float row_scale, float* out) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / 32; b++) {
-        const uint8_t* x = Rows ? row + 32 * b : row + 34 * b;
-        const __m256i w = ld256(Rows ? x : x + 2), v = ld256(a.q.data() + 32 * b);
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w)), ones);
-        const float d = (Rows ? row_scale : h2f(x)) * a.d[size_t(b)];
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc);
+        const uint8_t* x = RowScale ? row + 32 * b : row + 34 * b;
+        const Acts<R> a(rows, b, 32);
+        const __m256i w = ld256(RowScale ? x : x + 2), aw = _mm256_sign_epi8(w, w);
+        const float dw = RowScale ? row_scale : h2f(x);
+        for (int r = 0; r < R; r++) {
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(ld256(a.q[r]), w)), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a.d[r]), acc[r]);
+        }
     }
-    return hsum(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
 }
 
 // block of activation scales for a type code (0: no int8 path)
@@ -557,16 +597,19 @@ int int8_block(int code, int64_t K) {
     }
 }
 
-float dot_int8(int code, const uint8_t* row, int64_t K, const QRow& a, float scale) {
+template <int R>
+void dot_int8(int code, const uint8_t* row, int64_t K, const QRow* const* a, float scale, float* out) {
     switch (code) {
-        case 11: return dot_q3_k(row, K, a);
-        case 12: return dot_k45<false>(row, K, a);
-        case 13: return dot_k45<true>(row, K, a);
-        case 14: return dot_q6_k(row, K, a);
-        case 8: return dot_i8<false>(row, K, a, 1.0f);
-        default: return dot_i8<true>(row, K, a, scale);
+        case 11: return dot_q3_k<R>(row, K, a, out);
+        case 12: return dot_k45<false, R>(row, K, a, out);
+        case 13: return dot_k45<true, R>(row, K, a, out);
+        case 14: return dot_q6_k<R>(row, K, a, out);
+        case 8: return dot_i8<false, R>(row, K, a, 1.0f, out);
+        default: return dot_i8<true, R>(row, K, a, scale, out);
     }
 }
+
+constexpr int kInt8Tile = 4;  // activation rows per pass over a weight row
 
 int matmul_int8(int code, const uint8_t* w, const float* scales, int64_t N, int64_t K, const float* x, int64_t M,
                 float* y, int threads) {
@@ -577,9 +620,22 @@ int matmul_int8(int code, const uint8_t* w, const float* scales, int64_t N, int6
     std::vector<QRow> rows(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, block, rows[size_t(m)]);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = dot_int8(code, w + n * rb, K, rows[size_t(m)], scales ? scales[n] : 1.0f);
+    for (int64_t n = 0; n < N; n++) {
+        const float scale = scales ? scales[n] : 1.0f;
+        for (int64_t m0 = 0; m0 < M; m0 += kInt8Tile) {
+            const QRow* a[kInt8Tile];
+            float out[kInt8Tile];
+            const int t = int(M - m0 < kInt8Tile ? M - m0 : kInt8Tile);
+            for (int i = 0; i < t; i++) a[i] = &rows[size_t(m0 + i)];
+            switch (t) {
+                case 4: dot_int8<4>(code, w + n * rb, K, a, scale, out); break;
+                case 3: dot_int8<3>(code, w + n * rb, K, a, scale, out); break;
+                case 2: dot_int8<2>(code, w + n * rb, K, a, scale, out); break;
+                default: dot_int8<1>(code, w + n * rb, K, a, scale, out);
+            }
+            for (int i = 0; i < t; i++) y[(m0 + i) * N + n] = out[i];
+        }
+    }
     return 0;
 }
 
