@@ -273,7 +273,11 @@ def _check_rows(shape: tuple[int, ...], info: TypeInfo, what: str) -> tuple[int,
     return rows, cols
 
 
-def quantize(x: np.ndarray, qtype: QType | int | str) -> np.ndarray:
+# The block types whose scale searches take an importance vector (llama.cpp's imatrix).
+CALIBRATED_TYPES = (QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+
+
+def quantize(x: np.ndarray, qtype: QType | int | str, importance: np.ndarray | None = None) -> np.ndarray:
     """Quantize a float matrix to GGUF bytes.
 
     Args:
@@ -281,6 +285,10 @@ def quantize(x: np.ndarray, qtype: QType | int | str) -> np.ndarray:
             is the GGUF row length (ne[0]) and must be a multiple of the
             type's block size (see `fallback_type`).
         qtype: target type (QType, ggml id or name).
+        importance: `(cols,)` non-negative weight of each input column (the mean squared
+            activation it sees: an importance matrix, `quant.imatrix`). The K-quants then search
+            their scales to minimise the importance-weighted error, as llama.cpp does with
+            `--imatrix`; other types ignore it. The bytes keep the same format.
 
     Returns:
         uint8 `(rows, type_info(qtype).row_bytes(cols))`: the tensor's data as
@@ -294,10 +302,18 @@ def quantize(x: np.ndarray, qtype: QType | int | str) -> np.ndarray:
         raise LmsmithError(f"cannot quantize to {info.qtype.name}: the tensor contains NaN or inf values")
     encode = _CODECS[info.qtype][0]
     blocks = x.reshape(-1, info.block_size)
+    qw = None
+    if importance is not None and info.qtype in CALIBRATED_TYPES:
+        importance = np.asarray(importance, dtype=np.float32).reshape(-1)
+        if importance.shape != (cols,) or not np.isfinite(importance).all() or (importance < 0).any():
+            raise LmsmithError(f"importance must hold {cols} finite non-negative values (one per column), "
+                               f"got shape {importance.shape}")
+        qw = np.broadcast_to(importance, (rows, cols)).reshape(-1, info.block_size)
     per_chunk = max(1, _CHUNK_WEIGHTS // info.block_size)
     out = np.empty((blocks.shape[0], info.type_size), np.uint8)
     for start in range(0, blocks.shape[0], per_chunk):
-        out[start : start + per_chunk] = encode(blocks[start : start + per_chunk])
+        chunk = blocks[start : start + per_chunk]
+        out[start : start + per_chunk] = encode(chunk) if qw is None else encode(chunk, qw[start : start + per_chunk])
     return out.reshape(rows, info.row_bytes(cols))
 
 

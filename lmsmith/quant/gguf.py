@@ -45,6 +45,7 @@ from ..config import ModelConfig
 from ..errors import LmsmithError
 from ..fileio import atomic_path, check_regular_file
 from .blocks import QType, as_qtype, dequantize, quantize, type_info
+from .imatrix import for_tensor
 from .mixes import plan_mix, scheme_names
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
@@ -235,7 +236,7 @@ def _tokenizer_metadata(tokenizer, n_vocab: int) -> dict[str, Any]:
 
 
 def export_gguf(model, tokenizer, path: str | os.PathLike, scheme: str = "f16", *, name: str | None = None,
-                progress: bool = True) -> ExportSummary:
+                progress: bool = True, imatrix: dict[str, np.ndarray] | None = None) -> ExportSummary:
     """Write `model` (+ tokenizer) as a GGUF file llama.cpp runs.
 
     Args:
@@ -246,6 +247,9 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, scheme: str = "f16", 
         scheme: one of `scheme_names()` (f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m).
         name: `general.name` (default: the file stem).
         progress: show a progress bar over tensors.
+        imatrix: `{GGUF tensor name: importance (cols,)}` (`quant.imatrix.collect` / `.load`): the
+            K-quant tensors it covers are quantized to minimise the importance-weighted error
+            (calibrated, as llama-quantize --imatrix); the file's types and sizes do not change.
 
     Returns:
         An `ExportSummary` with each tensor's type, the fallbacks taken and the sizes.
@@ -339,7 +343,8 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, scheme: str = "f16", 
                     elif arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
                         arr = permute_qk(arr, cfg.n_kv_heads)
                 qt = types[g]
-                data = quantize(arr.reshape(-1, arr.shape[-1]), qt).reshape(-1)
+                importance = for_tensor(imatrix, g, arr.shape[-1]) if arr.ndim == 2 else None
+                data = quantize(arr.reshape(-1, arr.shape[-1]), qt, importance).reshape(-1)
                 tensor_bytes += data.nbytes
                 writer.write_tensor_data(data)
                 bar.update(1)

@@ -149,7 +149,7 @@ def _signed_max(x: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
 
 
-def _search_symmetric(x: np.ndarray, nmax: int):
+def _search_symmetric(x: np.ndarray, nmax: int, w: np.ndarray | None = None):
     """Best signed scale for x ~ scale*l with l in [-nmax, nmax-1] (llama.cpp make_qx_quants, rmse 1).
 
     The largest-magnitude weight is mapped to -nmax (the asymmetric range has
@@ -165,7 +165,7 @@ def _search_symmetric(x: np.ndarray, nmax: int):
     # the sums finite for tiny or huge weights
     norm = np.where(live, np.abs(amax_signed), 1).astype(_f32)
     xn = x / norm[:, None]
-    w = xn * xn
+    w = xn * xn if w is None else w.astype(_f32)  # calibrated: the importance-based weights
     base = -_safe_inv(np.where(live, amax_signed / norm, 0))
     l = np.empty_like(xn)
     wl = np.empty_like(xn)
@@ -196,6 +196,62 @@ def _search_symmetric(x: np.ndarray, nmax: int):
     scale = np.where(live, scale * norm, 0)
     L = np.where(live[:, None], L + nmax, nmax)
     return scale.astype(_f32), L.astype(np.uint8)
+
+
+def _search_positive(x: np.ndarray, nmax: int, w: np.ndarray):
+    """Best scale for non-negative x ~ scale*l with l in [0, nmax], weighted (llama.cpp make_qp_quants).
+
+    Used for the super-block scale of calibrated Q4_K/Q5_K: the 8 sub-block scales (or mins) are
+    quantized to 6 bits weighting each by its sub-block's total importance. 8 candidate inverse
+    scales `(nmax + 0.1k)/max`, then up to 5 passes of coordinate descent on the levels.
+    Returns `(scale (n,), L (n, g) uint8)`.
+    """
+    x, w = x.astype(_f32), w.astype(_f32)
+    mx = x.max(axis=1)
+    live = mx >= _EPS
+    inv = np.where(live, 1 / np.where(live, mx, 1), 0).astype(_f32)
+
+    def levels(iscale):
+        return np.minimum(nmax, np.rint(x * iscale[:, None]))
+
+    def mse(iscale):
+        d = x - levels(iscale) * _safe_inv(iscale)[:, None]
+        return _rowdot(w, d * d)
+
+    best_is = nmax * inv
+    best = mse(best_is)
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        cand = (_f32(0.1) * k + nmax) * inv
+        err = mse(cand)
+        better = err < best
+        np.copyto(best_is, cand, where=better)
+        np.copyto(best, err, where=better)
+    L = levels(best_is)
+    sumlx, suml2 = _rowdot(w * x, L), _rowdot(w, L * L)
+    for _ in range(5):
+        changed = np.zeros(x.shape[0], bool)
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
+            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = np.minimum(nmax, np.rint(xi * sl2 / np.where(ok, slx, 1)))
+            slx2, sl22 = slx + wi * xi * new, sl2 + wi * new * new
+            take = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[:, i] = np.where(take, new, li)
+            sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+            changed |= take
+        if not changed.any():
+            break
+    scale = np.where(live & (suml2 > 0), sumlx * _safe_inv(suml2), 0).astype(_f32)
+    return scale, np.where(live[:, None], L, 0).astype(np.uint8)
+
+
+def _calibrated_weights(blocks: np.ndarray, qw: np.ndarray, group: int) -> np.ndarray:
+    """llama.cpp's weights with an importance matrix: qw * sqrt(sigma2 + x^2), sigma2 = 2 mean(x^2)
+    over the super-block; as (n_blocks * 256 / group, group)."""
+    sigma2 = 2 * np.mean(blocks * blocks, axis=1, keepdims=True)
+    return (qw * np.sqrt(sigma2 + blocks * blocks)).astype(_f32).reshape(-1, group)
 
 
 def _search_q3(x: np.ndarray, nmax: int = 4, n_iter: int = 5):
@@ -299,28 +355,41 @@ def _unpack_scale_min(s: np.ndarray):
     return sc, mn
 
 
-def _quantize_scale_min_blocks(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+def _quantize_scale_min_blocks(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                               qw: np.ndarray | None = None):
     """Shared front half of Q4_K/Q5_K: 8 sub-blocks of 32 with scale and min.
 
+    `qw` (n, 256): importance of every weight (an importance matrix's column values); then the
+    search weights and steps are llama.cpp's calibrated ones (quantize_row_q4_K_impl) and the
+    super-block scales are searched too, weighted by each sub-block's importance.
     Returns `(d16, dmin16, packed_scales (n,12), L (n, 256) uint8)`.
     """
     nb = blocks.shape[0]
     x = blocks.reshape(nb * 8, 32)
-    # weights: rms of the sub-block plus |x| — large weights matter more, but
-    # small ones are not ignored (llama.cpp's choice for the no-imatrix path)
-    av_x = np.sqrt(np.mean(x * x, axis=1, keepdims=True))
-    w = av_x + np.abs(x)
+    if qw is None:
+        # weights: rms of the sub-block plus |x| — large weights matter more, but
+        # small ones are not ignored (llama.cpp's choice for the no-imatrix path)
+        av_x = np.sqrt(np.mean(x * x, axis=1, keepdims=True))
+        w = av_x + np.abs(x)
+    else:
+        w = _calibrated_weights(blocks, qw, 32)
+        rmin, rdelta, nstep = -0.9, 0.05, 36  # make_qkx3_quants' steps
     scales, mins, L = _search_scale_min(x, w, nmax, rmin, rdelta, nstep)
     scales = np.maximum(scales, 0).reshape(nb, 8)
     mins = np.maximum(mins, 0).reshape(nb, 8)
 
-    # quantize the 8 scales and 8 mins to 6 bits against the largest of each
-    max_scale = scales.max(axis=1)
-    max_min = mins.max(axis=1)
-    ls = np.minimum(np.rint(scales * (63 * _safe_inv(max_scale))[:, None]), 63).astype(np.uint8)
-    lm = np.minimum(np.rint(mins * (63 * _safe_inv(max_min))[:, None]), 63).astype(np.uint8)
-    d16 = _f16(max_scale / _f32(63))
-    dmin16 = _f16(max_min / _f32(63))
+    # quantize the 8 scales and 8 mins to 6 bits: against the largest of each, or (calibrated)
+    # by a search weighted with the sub-blocks' importance
+    if qw is None:
+        max_scale, max_min = scales.max(axis=1), mins.max(axis=1)
+        ls = np.minimum(np.rint(scales * (63 * _safe_inv(max_scale))[:, None]), 63).astype(np.uint8)
+        lm = np.minimum(np.rint(mins * (63 * _safe_inv(max_min))[:, None]), 63).astype(np.uint8)
+        d16, dmin16 = _f16(max_scale / _f32(63)), _f16(max_min / _f32(63))
+    else:
+        sw = w.reshape(nb, 8, 32).sum(axis=2)
+        d_block, ls = _search_positive(scales, 63, sw)
+        m_block, lm = _search_positive(mins, 63, sw)
+        d16, dmin16 = _f16(d_block), _f16(m_block)
 
     # requantize every weight against the scale/min the file will really hold
     d_sub = (d16.astype(_f32)[:, None] * ls).reshape(nb * 8, 1)
@@ -335,10 +404,10 @@ def _quantize_scale_min_blocks(blocks: np.ndarray, nmax: int, rmin: float, rdelt
 # Q4_K: f16 d, f16 dmin, scales[12], qs[128]; x = d*sc*q - dmin*m, q in [0, 15]
 
 
-def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
-    """Quantize float32 `(n, 256)` super-blocks to Q4_K bytes `(n, 144)`."""
+def quantize_q4_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Quantize float32 `(n, 256)` super-blocks to Q4_K bytes `(n, 144)` (`qw`: importance, calibrated)."""
     nb = blocks.shape[0]
-    d16, dmin16, scales, L = _quantize_scale_min_blocks(blocks, 15, -1.0, 0.1, 20)
+    d16, dmin16, scales, L = _quantize_scale_min_blocks(blocks, 15, -1.0, 0.1, 20, qw)
     # qs: each 32-byte chunk holds sub-block 2c in the low nibbles, 2c+1 in the high
     L = L.reshape(nb, 4, 2, 32)
     qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(nb, 128)
@@ -368,10 +437,10 @@ def dequantize_q4_k(data: np.ndarray) -> np.ndarray:
 # the 5th bit of weight j of sub-block s is bit s of qh[j]
 
 
-def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
-    """Quantize float32 `(n, 256)` super-blocks to Q5_K bytes `(n, 176)`."""
+def quantize_q5_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Quantize float32 `(n, 256)` super-blocks to Q5_K bytes `(n, 176)` (`qw`: importance, calibrated)."""
     nb = blocks.shape[0]
-    d16, dmin16, scales, L = _quantize_scale_min_blocks(blocks, 31, -0.5, 0.1, 15)
+    d16, dmin16, scales, L = _quantize_scale_min_blocks(blocks, 31, -0.5, 0.1, 15, qw)
     L = L.reshape(nb, 8, 32)
     high = (L >> 4) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
     qh = np.bitwise_or.reduce(high, axis=1)
@@ -396,11 +465,14 @@ def dequantize_q5_k(data: np.ndarray) -> np.ndarray:
 # qh[l] = 2 high bits of w[l], w[l+32], w[l+64], w[l+96] at shifts 0, 2, 4, 6
 
 
-def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
-    """Quantize float32 `(n, 256)` super-blocks to Q6_K bytes `(n, 210)`."""
+def quantize_q6_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Quantize float32 `(n, 256)` super-blocks to Q6_K bytes `(n, 210)`.
+
+    `qw` (n, 256): importance; the sub-block search then weights by it (llama.cpp's Q6_K uses the
+    importance values themselves)."""
     nb = blocks.shape[0]
     x = blocks.reshape(nb * 16, 16)
-    scales, L = _search_symmetric(x, 32)
+    scales, L = _search_symmetric(x, 32, None if qw is None else qw.reshape(nb * 16, 16))
     scales = scales.reshape(nb, 16)
 
     # int8 sub-block scales against one fp16 d; the largest maps to -128
@@ -443,21 +515,32 @@ def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
 # the 2 high bits of scale j at shift 2*(j // 4) of byte 8 + j % 4
 
 
-def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
-    """Quantize float32 `(n, 256)` super-blocks to Q3_K bytes `(n, 110)`."""
+def quantize_q3_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Quantize float32 `(n, 256)` super-blocks to Q3_K bytes `(n, 110)`.
+
+    `qw` (n, 256): importance; then sub-blocks and the super-block scale are searched with
+    llama.cpp's calibrated weights (quantize_row_q3_K_impl)."""
     nb = blocks.shape[0]
     x = blocks.reshape(nb * 16, 16)
-    scales, L = _search_q3(x)
+    if qw is None:
+        scales, L = _search_q3(x)
+    else:
+        w = _calibrated_weights(blocks, qw, 16)
+        scales, L = _search_symmetric(x, 4, w)
     scales = scales.reshape(nb, 16)
 
-    # 6-bit signed sub-block scales (stored +32) against one fp16 d; largest maps to -32
-    # (searching d as well gains under 0.1% relative RMSE here, not worth the time)
-    max_scale = _signed_max(scales)
-    live = np.abs(max_scale) >= _EPS
-    iscale = np.where(live, -32 * _safe_inv(np.where(live, max_scale, 0)), 0).astype(_f32)
-    ls = (np.clip(np.rint(scales * iscale[:, None]), -32, 31) + 32).astype(np.uint8)
-    ls = np.where(live[:, None], ls, 32).astype(np.uint8)  # dead block: every scale 0
-    d16 = _f16(_safe_inv(iscale))
+    if qw is None:
+        # 6-bit signed sub-block scales (stored +32) against one fp16 d; largest maps to -32
+        # (searching d as well gains under 0.1% relative RMSE here, not worth the time)
+        max_scale = _signed_max(scales)
+        live = np.abs(max_scale) >= _EPS
+        iscale = np.where(live, -32 * _safe_inv(np.where(live, max_scale, 0)), 0).astype(_f32)
+        ls = (np.clip(np.rint(scales * iscale[:, None]), -32, 31) + 32).astype(np.uint8)
+        ls = np.where(live[:, None], ls, 32).astype(np.uint8)  # dead block: every scale 0
+        d16 = _f16(_safe_inv(iscale))
+    else:  # the 16 scales searched too, each weighted by its sub-block's importance
+        d_block, ls = _search_symmetric(scales, 32, w.reshape(nb, 16, 16).sum(axis=2))
+        d16 = _f16(d_block)
 
     d_sub = (d16.astype(_f32)[:, None] * (ls.astype(_f32) - 32)).reshape(nb * 16, 1)
     nz = d_sub != 0

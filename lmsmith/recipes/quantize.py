@@ -22,6 +22,15 @@ examples:
   lmsmith quantize models/my-model --scheme int8 --out models/my-model-int8
   lmsmith quantize models/my-model --report --eval-data held-out.txt --schemes f16,q8_0,q4_k_m,q3_k_m
   lmsmith quantize runs/pretrain/final --report --eval-data runs/pretrain/data   # the run's validation split
+  lmsmith quantize models/my-model --scheme q4_k_m --calibration calib.txt --out my-model-q4_k_m.gguf
+  lmsmith quantize models/my-model --scheme q3_k_m --imatrix imatrix.gguf --out m.gguf   # llama-imatrix's file
+
+Calibration: --calibration DATA runs the model on that text and measures, for every input
+column of every linear layer, the mean squared activation (an importance matrix, as
+llama.cpp's llama-imatrix does); the K-quant tensors are then quantized to minimise the
+importance-weighted error. The file keeps the same types and sizes and runs in llama.cpp
+unchanged. --write-imatrix FILE saves the matrix in llama.cpp's format (llama-quantize
+--imatrix reads it); --imatrix FILE uses one measured before (by lmsmith or llama.cpp).
 """
 
 DEFAULT_REPORT_SCHEMES = "f16,q8_0,int8,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m"
@@ -43,6 +52,16 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", default=None, help="PNG path of the size-vs-perplexity plot "
                                                 "(default: quality.png beside --out, or ./quantize_report.png)")
     p.add_argument("--name", default=None, help="general.name written into a GGUF file")
+    p.add_argument("--calibration", nargs="+", metavar="PATH",
+                   help="text (files, folders, .jsonl, or a token-shard folder's validation split) to measure the "
+                        "importance matrix on; calibrates the K-quant tensors of a GGUF scheme")
+    p.add_argument("--calibration-tokens", type=int, default=100_000,
+                   help="at most this many calibration tokens (default: 100000)")
+    p.add_argument("--calibration-ctx", type=int, default=512,
+                   help="tokens per calibration chunk, each run from position 0 (default: 512, as llama-imatrix)")
+    p.add_argument("--imatrix", metavar="FILE", help="use this importance matrix (llama.cpp's .gguf or .dat format)")
+    p.add_argument("--write-imatrix", metavar="FILE",
+                   help="save the measured importance matrix (llama.cpp's GGUF format)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -70,19 +89,81 @@ def run(args) -> int:
     if args.report and not args.eval_data:
         raise LmsmithError("--report needs --eval-data FILE (held-out text to measure perplexity on)")
 
+    if (args.calibration or args.imatrix) and not (args.scheme and args.out):
+        raise LmsmithError("--calibration / --imatrix calibrate a GGUF scheme: give --scheme (q4_k_m, q3_k_m, ...) "
+                           "and --out")
+    if args.calibration and args.imatrix:
+        raise LmsmithError("give --calibration DATA (measure an importance matrix) or --imatrix FILE (use one), "
+                           "not both")
+    if args.write_imatrix and not args.calibration:
+        raise LmsmithError("--write-imatrix saves the matrix --calibration measures; give --calibration DATA")
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise LmsmithError(f"--out {args.out} already exists; pass --overwrite to replace it, or choose another path")
     from ..loader import load
 
     model, tokenizer = load(args.model)
     if args.scheme and args.out:
-        _write(model, tokenizer, args)
+        _write(model, tokenizer, args, _importance(model, tokenizer, args))
     if args.report:
         _report(model, tokenizer, args)
     return 0
 
 
-def _write(model, tokenizer, args) -> None:
+def _texts(paths: list[str], tokenizer, max_chars: int | None = None):
+    """Document texts of files / folders / .jsonl, or a token-shard folder's validation split."""
+    from ..data.sources import Source, iter_documents
+
+    total = 0
+    for path in paths:
+        docs = _validation_documents(path, tokenizer) if (Path(path) / "manifest.json").is_file() else \
+            (text for _, text in iter_documents(Source(name="text", path=path)))
+        for text in docs:
+            if not text.strip():
+                continue
+            if max_chars is not None:
+                text = text[: max_chars - total]
+            total += len(text)
+            yield text
+            if max_chars is not None and total >= max_chars:
+                return
+
+
+def _importance(model, tokenizer, args):
+    """The importance matrix --calibration measures (saved with --write-imatrix) or --imatrix names; or None."""
+    from ..errors import LmsmithError
+    from ..quant import imatrix
+
+    if args.imatrix:
+        return imatrix.load(args.imatrix)
+    if not args.calibration:
+        return None
+    if tokenizer is None:
+        raise LmsmithError(f"{args.model}: --calibration needs the model's tokenizer to read the text")
+    ctx = min(args.calibration_ctx, model.config.max_seq_len)
+    ids: list[int] = []
+    for text in _texts(args.calibration, tokenizer):
+        ids += tokenizer.encode(text) + [tokenizer.eos_id]
+        if len(ids) >= args.calibration_tokens:
+            break
+    ids = ids[: args.calibration_tokens]
+    chunks = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)] or ([ids] if ids else [])
+    if not chunks:
+        raise LmsmithError(f"no calibration text in {', '.join(args.calibration)}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(map(len, chunks)), unit="tok", desc="imatrix", disable=args.no_progress)
+    stats = imatrix.collect(model, chunks, progress=bar.update)
+    bar.close()
+    print(f"Importance matrix: {len(stats)} matrices over {sum(map(len, chunks)):,} tokens "
+          f"({len(chunks)} chunks of {len(chunks[0])}).")
+    if args.write_imatrix:
+        imatrix.save(stats, args.write_imatrix, datasets=[str(p) for p in args.calibration], chunk_size=ctx,
+                     chunk_count=len(chunks))
+        print(f"Written to {args.write_imatrix} (llama-quantize --imatrix reads it).")
+    return {name: s.importance for name, s in stats.items()}
+
+
+def _write(model, tokenizer, args, importance=None) -> None:
     scheme, out = args.scheme.lower(), Path(args.out)
     n_params = model.num_params()
     f32_bytes = 4 * n_params
@@ -105,7 +186,11 @@ def _write(model, tokenizer, args) -> None:
         return
     from ..quant.gguf import export_gguf
 
-    s = export_gguf(model, tokenizer, out, scheme, name=args.name, progress=not args.no_progress)
+    if importance is not None and scheme in ("int8", "f16", "bf16", "f32"):
+        from ..errors import LmsmithError
+
+        raise LmsmithError(f"--calibration / --imatrix apply to GGUF block schemes (q4_k_m, q3_k_m, ...), not {scheme}")
+    s = export_gguf(model, tokenizer, out, scheme, name=args.name, progress=not args.no_progress, imatrix=importance)
     per_type = ", ".join(f"{n} {t}" for t, n in sorted(s.type_counts.items(), key=lambda kv: -kv[1]))
     if s.fallbacks:
         fb = "; fallbacks: " + ", ".join(f"{k} {a.name}->{b.name}" for k, (a, b) in list(s.fallbacks.items())[:6])
@@ -113,7 +198,8 @@ def _write(model, tokenizer, args) -> None:
             fb += f" and {len(s.fallbacks) - 6} more"
     else:
         fb = "; no fallbacks"
-    print(f"{scheme.upper()} ({s.arch} GGUF): {len(s.types)} tensors - {per_type}{fb}. "
+    calibrated = "; calibrated with the importance matrix" if importance is not None else ""
+    print(f"{scheme.upper()} ({s.arch} GGUF): {len(s.types)} tensors - {per_type}{fb}{calibrated}. "
           f"{_human(s.file_bytes)} at {s.bits_per_weight:.2f} bits per weight "
           f"(1:{f32_bytes / max(s.tensor_bytes, 1):.1f} against f32), written in {s.seconds:.1f}s to {out}.")
 
@@ -136,21 +222,11 @@ def _validation_documents(folder: str, tokenizer):
 
 
 def _report(model, tokenizer, args) -> None:
-    from ..data.sources import Source, iter_documents
     from ..errors import LmsmithError
     from ..quant.report import format_table, plot_size_vs_perplexity, quality_table
 
-    texts, total = [], 0
-    for path in args.eval_data:
-        docs = _validation_documents(path, tokenizer) if (Path(path) / "manifest.json").is_file() else \
-            (text for _, text in iter_documents(Source(name="eval", path=path)))
-        for text in docs:
-            if text.strip():
-                text = text[: args.max_chars - total]
-                texts.append(text)
-                total += len(text)
-            if total >= args.max_chars:
-                break
+    texts = list(_texts(args.eval_data, tokenizer, args.max_chars))
+    total = sum(map(len, texts))
     if not texts:
         raise LmsmithError(f"no text found in {', '.join(args.eval_data)}")
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
