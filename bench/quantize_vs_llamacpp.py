@@ -1,11 +1,15 @@
-"""lmsmith's GGUF quantizer against llama.cpp's `llama-quantize`, side by side; and packed inference.
+"""lmsmith's GGUF quantizer against llama.cpp's `llama-quantize`, side by side, without and with
+calibration.
 
 Same model for both: a `base`-preset-shaped model (or `--model DIR`) exported as an
 f16 GGUF by lmsmith; then each of Q8_0, Q4_K_M, Q3_K_M is produced from that f16
 file by lmsmith (load_gguf -> export_gguf) and by llama-quantize, and compared on
 file size, quantize time, perplexity (lmsmith's eval on each file read back) and the
-RMSE of the weights against the f16 ones. Then greedy decode tokens/s and resident
-parameter memory of lmsmith's packed int8 / Q4_K inference against its bf16 path.
+RMSE of the weights against the f16 ones. With `--calibration TEXT`, Q4_K_M and Q3_K_M
+are also made calibrated: lmsmith measures its importance matrix on TEXT
+(`quant.imatrix.collect`), llama.cpp's `llama-imatrix` measures its own on the same TEXT
+for `llama-quantize --imatrix`; the table then compares the perplexity increases.
+(Decode speed of the packed files: bench/quant_decode_speed.py.)
 
 llama-quantize is not in the llama-cpp-python wheel; build it from the sdist (~3 min):
 
@@ -14,16 +18,16 @@ llama-quantize is not in the llama-cpp-python wheel; build it from the sdist (~3
     cd llama_cpp_python-0.3.36/vendor/llama.cpp
     cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
           -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-    cmake --build build --target llama-quantize -j2     # -> build/bin/llama-quantize
+    cmake --build build --target llama-quantize llama-imatrix -j2   # -> build/bin/
 
 usage:
     python bench/quantize_vs_llamacpp.py [--model DIR] [--llama-quantize PATH] [--preset base]
+        [--calibration TEXT --llama-imatrix PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import shutil
 import subprocess
@@ -96,18 +100,36 @@ def ppl_of(path: Path, tok, texts, seq_len: int) -> float:
     return perplexity(m, tok, texts, seq_len=seq_len, batch_size=4).perplexity
 
 
-def decode_speed(model, tok, n_new: int) -> float:
-    from lmsmith.model import KVCache
+def calibrated_pair(src, tok, f16: Path, scheme: str, work: Path, args, texts, lq: str | None) -> dict:
+    """Q-scheme files made with an importance matrix by both tools, on the same calibration text."""
+    from lmsmith.quant import imatrix
+    from lmsmith.quant.gguf import export_gguf
 
-    ids = torch.tensor([tok.encode("def main():\n    ")])
-    cache = KVCache(model.config, 1, ids.shape[1] + n_new + 1, dtype=model.model.embed_tokens.weight.dtype)
-    with torch.no_grad():
-        out = model(ids, cache=cache, last_only=True)
-        nxt = out.argmax(-1)
+    calib = "\n".join(eval_texts(args.calibration_chars, args.calibration))
+    ids = tok.encode(calib)
+    ctx = min(512, src.config.max_seq_len)
+    chunks = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
+    out = {}
+    t0 = time.perf_counter()
+    imp = {n: st.importance for n, st in imatrix.collect(src, chunks).items()}
+    ours = work / f"lmsmith-{scheme}-imatrix.gguf"
+    export_gguf(src, tok, ours, scheme, progress=False, imatrix=imp)
+    out["ours+imatrix"] = (ours.stat().st_size, time.perf_counter() - t0, ppl_of(ours, tok, texts, args.seq_len),
+                           weight_rmse(tensors_of(f16), ours))
+    li = args.llama_imatrix or (str(Path(lq).with_name("llama-imatrix")) if lq else None)
+    if lq and li and Path(li).is_file():
+        (work / "calib.txt").write_text(calib)
+        mat = work / "llamacpp.imatrix.gguf"
         t0 = time.perf_counter()
-        for _ in range(n_new):
-            nxt = model(nxt, cache=cache).argmax(-1)
-    return n_new / (time.perf_counter() - t0)
+        if not mat.exists():
+            subprocess.run([li, "-m", str(f16), "-f", str(work / "calib.txt"), "-o", str(mat), "-c", str(ctx),
+                            "-t", str(torch.get_num_threads())], check=True, capture_output=True)
+        theirs = work / f"llamacpp-{scheme}-imatrix.gguf"
+        subprocess.run([lq, "--imatrix", str(mat), str(f16), str(theirs), scheme.upper(), "2"], check=True,
+                       capture_output=True)
+        out["theirs+imatrix"] = (theirs.stat().st_size, time.perf_counter() - t0,
+                                 ppl_of(theirs, tok, texts, args.seq_len), weight_rmse(tensors_of(f16), theirs))
+    return out
 
 
 def main() -> int:
@@ -119,13 +141,15 @@ def main() -> int:
     ap.add_argument("--eval-text", nargs="+", metavar="PATH",
                     help="held-out text files/folders/.jsonl (default: the last 10 pydoc topics)")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--calibration", nargs="+", metavar="PATH",
+                    help="calibration text for the importance matrices (Q4_K_M and Q3_K_M calibrated rows)")
+    ap.add_argument("--calibration-chars", type=int, default=200_000)
+    ap.add_argument("--llama-imatrix", help="path of llama.cpp's llama-imatrix (default: beside llama-quantize)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
     from lmsmith.loader import load as load_gguf
     from lmsmith.quant.gguf import export_gguf
-    from lmsmith.quant.linear import apply_quantization, resident_bytes
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.model:
@@ -169,35 +193,30 @@ def main() -> int:
             t_theirs = time.perf_counter() - t0
             row["theirs"] = (theirs.stat().st_size, t_theirs, ppl_of(theirs, tok, texts, args.seq_len),
                              weight_rmse(ref, theirs))
+        if args.calibration and scheme != "q8_0":
+            row.update(calibrated_pair(src, tok, f16, scheme, work, args, texts, lq))
         rows.append(row)
         print(f"  {scheme} done", file=sys.stderr)
 
-    head = f"{'scheme':8} {'tool':9} {'size MB':>8} {'time s':>7} {'perplexity':>11} {'Δppl%':>7} {'weight RMSE':>12}"
+    head = f"{'scheme':8} {'tool':12} {'size MB':>8} {'time s':>7} {'perplexity':>11} {'Δppl%':>7} {'weight RMSE':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        for tool, key in (("lmsmith", "ours"), ("llama.cpp", "theirs")):
+        for tool, key in (("lmsmith", "ours"), ("llama.cpp", "theirs"), ("lmsmith+im", "ours+imatrix"),
+                          ("llama.cpp+im", "theirs+imatrix")):
             if key not in r:
                 continue
             size, sec, ppl, rmse = r[key]
-            print(f"{r['scheme']:8} {tool:9} {size / 1e6:8.2f} {sec:7.1f} {ppl:11.3f} "
+            print(f"{r['scheme']:8} {tool:12} {size / 1e6:8.2f} {sec:7.1f} {ppl:11.3f} "
                   f"{100 * (ppl - base_ppl) / base_ppl:+7.2f} {rmse:12.3e}")
         if "theirs" in r:
             o, t = r["ours"], r["theirs"]
-            print(f"{'':8} {'ratio':9} {o[0] / t[0]:8.3f} {o[1] / t[1]:7.1f}x {'':11} {'':7} {o[3] / t[3]:12.3f}")
+            print(f"{'':8} {'ratio':12} {o[0] / t[0]:8.3f} {o[1] / t[1]:7.1f}x {'':11} {'':7} {o[3] / t[3]:12.3f}")
+        if "ours+imatrix" in r and "theirs+imatrix" in r:
+            do, dt = (r[k][2] - base_ppl for k in ("ours+imatrix", "theirs+imatrix"))
+            print(f"{'':8} calibrated perplexity increase, lmsmith / llama.cpp: {do / dt:.2f}x" if dt > 0 else
+                  f"{'':8} llama.cpp's calibrated file does not raise perplexity (delta {dt:+.3f})")
 
-    print("\npacked inference (greedy decode, batch 1, bf16 activations):")
-    bf16 = copy.deepcopy(src).to(torch.bfloat16)
-    base_speed, base_mem = decode_speed(bf16, tok, args.decode_tokens), resident_bytes(bf16)
-    print(f"  {'path':8} {'tokens/s':>9} {'resident MB':>12} {'vs bf16':>8}")
-    print(f"  {'bf16':8} {base_speed:9.1f} {base_mem / 1e6:12.1f} {'1.00x':>8}")
-    del bf16
-    for scheme in ("int8", "q4_k"):
-        m = copy.deepcopy(src).to(torch.bfloat16)
-        apply_quantization(m, scheme)
-        sp, mem = decode_speed(m, tok, args.decode_tokens), resident_bytes(m)
-        print(f"  {scheme:8} {sp:9.1f} {mem / 1e6:12.1f} {sp / base_speed:7.2f}x  (memory {mem / base_mem:.2f}x)")
-        del m
     print(f"\nfiles in {work}")
     return 0
 

@@ -208,3 +208,22 @@ def test_cli_packed_generate_and_eval(tmp_path, trained, capsys, lib):
     assert abs(packed_ppl - plain_ppl) / plain_ppl < 0.02
     assert main(["generate", str(path), "--packed", "--adapter", str(tmp_path), "--prompt", "x"]) == 1
     assert "--adapter does not apply to --packed" in capsys.readouterr().err
+
+
+def test_serve_packed_gguf(tmp_path, trained, lib):
+    """`lmsmith serve model.gguf --packed` answers the official client with the packed model's greedy text."""
+    from test_serve import Server
+
+    from lmsmith.decoding import GenerationConfig, generate
+
+    model, tok = trained
+    path = tmp_path / "m.gguf"
+    export_gguf(model, tok, path, "q4_k_m")
+    packed, tok2 = lmsmith.load(path, packed=True)
+    s = Server(path, "--packed", "--max-batch", "2")
+    try:
+        r = s.client().completions.create(model="tiny", prompt="def add(a, b):", max_tokens=8, temperature=0)
+        assert r.choices[0].text == generate(packed, tok2, "def add(a, b):", GenerationConfig(max_new_tokens=8))
+    finally:
+        code, err = s.stop()
+    assert "Traceback" not in err and code in (0, 130), err
