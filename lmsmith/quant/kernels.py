@@ -113,12 +113,20 @@ def library() -> ctypes.CDLL | None:
         return None
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS), _cpu_key()]).encode())
-    path = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+    name = f"kernels-{key.hexdigest()[:16]}.so"
+    user = os.getuid() if hasattr(os, "getuid") else 0
     try:
-        if not path.exists():
-            print(f"lmsmith: building the packed-matmul kernels (once per machine) into {path.parent}",
+        for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"lmsmith-{user}"):
+            path = folder / name
+            if path.exists():
+                break
+            print(f"lmsmith: building the packed-matmul kernels (once per machine) into {folder}",
                   file=sys.stderr, flush=True)
-            _build(cxx, path)
+            try:
+                _build(cxx, path)
+                break
+            except PermissionError:  # a read-only home: build in the temporary folder instead
+                continue
         _lib = _load(path)
     except (OSError, RuntimeError) as e:
         warnings.warn(f"could not build lmsmith's packed-matmul kernels ({e}); packed quantized layers "
