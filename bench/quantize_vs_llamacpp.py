@@ -111,11 +111,15 @@ def calibrated_pair(src, tok, f16: Path, scheme: str, work: Path, args, texts, l
     chunks = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
     out = {}
     t0 = time.perf_counter()
-    imp = {n: st.importance for n, st in imatrix.collect(src, chunks).items()}
-    ours = work / f"lmsmith-{scheme}-imatrix.gguf"
-    export_gguf(src, tok, ours, scheme, progress=False, imatrix=imp)
-    out["ours+imatrix"] = (ours.stat().st_size, time.perf_counter() - t0, ppl_of(ours, tok, texts, args.seq_len),
-                           weight_rmse(tensors_of(f16), ours))
+    stats = imatrix.collect(src, chunks, hessians=True)
+    imp = {n: st.importance for n, st in stats.items()}
+    t_collect = time.perf_counter() - t0
+    for key, hess in (("ours+imatrix", None), ("ours+gptq", {n: st.hessian for n, st in stats.items()})):
+        t0 = time.perf_counter()
+        ours = work / f"lmsmith-{scheme}-{key.split('+')[1]}.gguf"
+        export_gguf(src, tok, ours, scheme, progress=False, imatrix=imp, hessians=hess)
+        out[key] = (ours.stat().st_size, t_collect + time.perf_counter() - t0, ppl_of(ours, tok, texts, args.seq_len),
+                    weight_rmse(tensors_of(f16), ours))
     li = args.llama_imatrix or (str(Path(lq).with_name("llama-imatrix")) if lq else None)
     if lq and li and Path(li).is_file():
         (work / "calib.txt").write_text(calib)
@@ -203,7 +207,7 @@ def main() -> int:
     print("-" * len(head))
     for r in rows:
         for tool, key in (("lmsmith", "ours"), ("llama.cpp", "theirs"), ("lmsmith+im", "ours+imatrix"),
-                          ("llama.cpp+im", "theirs+imatrix")):
+                          ("lmsmith+gptq", "ours+gptq"), ("llama.cpp+im", "theirs+imatrix")):
             if key not in r:
                 continue
             size, sec, ppl, rmse = r[key]
@@ -213,9 +217,11 @@ def main() -> int:
             o, t = r["ours"], r["theirs"]
             print(f"{'':8} {'ratio':12} {o[0] / t[0]:8.3f} {o[1] / t[1]:7.1f}x {'':11} {'':7} {o[3] / t[3]:12.3f}")
         if "ours+imatrix" in r and "theirs+imatrix" in r:
-            do, dt = (r[k][2] - base_ppl for k in ("ours+imatrix", "theirs+imatrix"))
-            print(f"{'':8} calibrated perplexity increase, lmsmith / llama.cpp: {do / dt:.2f}x" if dt > 0 else
-                  f"{'':8} llama.cpp's calibrated file does not raise perplexity (delta {dt:+.3f})")
+            dt = r["theirs+imatrix"][2] - base_ppl
+            for key in ("ours+imatrix", "ours+gptq"):
+                do = r[key][2] - base_ppl
+                print(f"{'':8} {key}: perplexity increase / llama.cpp+imatrix's = {do / dt:.2f}x" if dt > 0 else
+                      f"{'':8} llama.cpp's calibrated file does not raise perplexity (delta {dt:+.3f})")
 
     print(f"\nfiles in {work}")
     return 0

@@ -45,6 +45,7 @@ from ..config import ModelConfig
 from ..errors import LmsmithError
 from ..fileio import atomic_path, check_regular_file
 from .blocks import QType, as_qtype, dequantize, quantize, type_info
+from .gptq import gptq_quantize
 from .imatrix import for_tensor
 from .mixes import plan_mix, scheme_names
 
@@ -236,7 +237,8 @@ def _tokenizer_metadata(tokenizer, n_vocab: int) -> dict[str, Any]:
 
 
 def export_gguf(model, tokenizer, path: str | os.PathLike, scheme: str = "f16", *, name: str | None = None,
-                progress: bool = True, imatrix: dict[str, np.ndarray] | None = None) -> ExportSummary:
+                progress: bool = True, imatrix: dict[str, np.ndarray] | None = None,
+                hessians: dict[str, np.ndarray] | None = None) -> ExportSummary:
     """Write `model` (+ tokenizer) as a GGUF file llama.cpp runs.
 
     Args:
@@ -250,6 +252,8 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, scheme: str = "f16", 
         imatrix: `{GGUF tensor name: importance (cols,)}` (`quant.imatrix.collect` / `.load`): the
             K-quant tensors it covers are quantized to minimise the importance-weighted error
             (calibrated, as llama-quantize --imatrix); the file's types and sizes do not change.
+        hessians: `{GGUF tensor name: sum x x^T (cols, cols)}` (`imatrix.collect(hessians=True)`):
+            those tensors are quantized with error compensation between block spans (`gptq.py`).
 
     Returns:
         An `ExportSummary` with each tensor's type, the fallbacks taken and the sizes.
@@ -344,7 +348,10 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, scheme: str = "f16", 
                         arr = permute_qk(arr, cfg.n_kv_heads)
                 qt = types[g]
                 importance = for_tensor(imatrix, g, arr.shape[-1]) if arr.ndim == 2 else None
-                data = quantize(arr.reshape(-1, arr.shape[-1]), qt, importance).reshape(-1)
+                if hessians is not None and g in hessians and arr.ndim == 2 and type_info(qt).block_size > 1:
+                    data = gptq_quantize(arr, qt, hessians[g], importance).reshape(-1)
+                else:
+                    data = quantize(arr.reshape(-1, arr.shape[-1]), qt, importance).reshape(-1)
                 tensor_bytes += data.nbytes
                 writer.write_tensor_data(data)
                 bar.update(1)

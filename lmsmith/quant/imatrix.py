@@ -32,10 +32,12 @@ from ..fileio import atomic_path, check_regular_file
 
 @dataclass
 class Stats:
-    """Sum of squared inputs per column `(cols,)` float64 and the number of token rows seen."""
+    """Sum of squared inputs per column `(cols,)` float64 and the number of token rows seen;
+    with `collect(..., hessians=True)` also the full second moments `hessian = sum x x^T` (GPTQ)."""
 
     sum2: np.ndarray
     count: int
+    hessian: np.ndarray | None = None
 
     @property
     def importance(self) -> np.ndarray:
@@ -57,11 +59,14 @@ def _gguf_names(model: nn.Module) -> dict[str, str]:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, token_chunks: Iterable[list[int]], progress=None) -> dict[str, Stats]:
+def collect(model: nn.Module, token_chunks: Iterable[list[int]], progress=None,
+            hessians: bool = False) -> dict[str, Stats]:
     """Importance statistics of every linear layer of `model` over `token_chunks` (lists of ids,
     each run as one sequence from position 0, as llama-imatrix runs its chunks).
 
     Returns `{GGUF tensor name: Stats}`. `progress(n_tokens)` is called after each chunk.
+    `hessians`: also accumulate `sum x x^T` per matrix, float64 (cols x cols each: for GPTQ;
+    memory grows with the square of the widths).
     """
     names = _gguf_names(model)
     stats: dict[str, Stats] = {}
@@ -73,6 +78,10 @@ def collect(model: nn.Module, token_chunks: Iterable[list[int]], progress=None) 
             s = stats[name] = Stats(np.zeros(x.shape[1], np.float64), 0)
         s.sum2 += (x * x).sum(dim=0).double().numpy()
         s.count += x.shape[0]
+        if hessians:
+            xd = x.double()
+            h = (xd.T @ xd).numpy()
+            s.hessian = h if s.hessian is None else s.hessian + h
 
     handles = [model.get_submodule(m).register_forward_pre_hook(lambda mod, a, n=g: hook(mod, a, n))
                for m, g in names.items()]
