@@ -94,16 +94,23 @@ def test_importance_changes_the_scales_and_lowers_the_weighted_error(qt):
         quantize(x, qt, imp[:100])
 
 
-def test_calibrated_cli_file_same_types_and_sizes_runs_in_llamacpp(tmp_path, trained, capsys):
+def _saved_with_calibration(tmp_path, trained, topics: slice):
+    """The trained model saved as tmp_path/m, and calibration text (pydoc topics) at tmp_path/calib.txt."""
+    import pydoc_data.topics
+
     import lmsmith
-    from lmsmith.cli import main
 
     model, tok = trained
     lmsmith.save(model, tok, tmp_path / "m")
     calib = tmp_path / "calib.txt"
-    import pydoc_data.topics
+    calib.write_text("\n".join(list(pydoc_data.topics.topics.values())[topics]))
+    return model, tok, calib
 
-    calib.write_text("\n".join(list(pydoc_data.topics.topics.values())[60:90]))
+
+def test_calibrated_cli_file_same_types_and_sizes_runs_in_llamacpp(tmp_path, trained, capsys):
+    from lmsmith.cli import main
+
+    model, tok, calib = _saved_with_calibration(tmp_path, trained, slice(60, 90))
     assert main(["quantize", str(tmp_path / "m"), "--scheme", "q3_k_m", "--out", str(tmp_path / "u.gguf"),
                  "--no-progress"]) == 0
     assert main(["quantize", str(tmp_path / "m"), "--scheme", "q3_k_m", "--out", str(tmp_path / "c.gguf"),
@@ -173,12 +180,7 @@ def test_gptq_cli(tmp_path, trained, capsys):
     import lmsmith
     from lmsmith.cli import main
 
-    model, tok = trained
-    lmsmith.save(model, tok, tmp_path / "m")
-    calib = tmp_path / "calib.txt"
-    import pydoc_data.topics
-
-    calib.write_text("\n".join(list(pydoc_data.topics.topics.values())[60:70]))
+    model, tok, calib = _saved_with_calibration(tmp_path, trained, slice(60, 70))
     assert main(["quantize", str(tmp_path / "m"), "--scheme", "q4_k_m", "--out", str(tmp_path / "g.gguf"),
                  "--method", "gptq"]) == 1
     assert "--method gptq needs --calibration" in capsys.readouterr().err
