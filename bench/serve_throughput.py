@@ -9,7 +9,11 @@ C concurrent streaming clients send a fixed mix of requests (prompts of 32-256 t
 p50/p95, per-token latency p50/p95; the speed-up over one client (requests one at a time);
 lmsmith / llama.cpp; and each server's peak resident memory.
 
-    python bench/serve_throughput.py --llama-server PATH/TO/llama-server [--clients 1,4,16,32]
+    python bench/serve_throughput.py --llama-server PATH/TO/llama-server [--clients 1,4,16,32] [--scheme q8_0]
+
+--scheme q8_0 (or q4_k_m, ...): both servers run the same GGUF file of that scheme, lmsmith with
+--packed (its packed-matmul kernels); the default f16 serves lmsmith's float HF directory against
+llama-server's f16 file.
 
 llama-server: build it from the llama.cpp sources in llama-cpp-python's sdist:
     pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all: && tar xzf llama_cpp_python-0.3.36.tar.gz
@@ -52,8 +56,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model(preset: str, out: Path) -> tuple[Path, Path, str]:
-    """(HF dir, f16 GGUF, corpus text) for a random model of `preset`."""
+def make_model(preset: str, out: Path, scheme: str = "f16") -> tuple[Path, Path, str]:
+    """(HF dir, GGUF of `scheme`, corpus text) for a random model of `preset`."""
     import pydoc_data.topics
 
     import torch
@@ -72,8 +76,8 @@ def make_model(preset: str, out: Path) -> tuple[Path, Path, str]:
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(4)  # a peaked distribution, like a trained model's
     checkpoint.save(model, tok, out / "hf")
-    export_gguf(model, tok, out / "model-f16.gguf", "f16", progress=False)
-    return out / "hf", out / "model-f16.gguf", text
+    export_gguf(model, tok, out / f"model-{scheme}.gguf", scheme, progress=False)
+    return out / "hf", out / f"model-{scheme}.gguf", text
 
 
 def make_requests(text: str, n: int, seed: int = 0) -> list[dict]:
@@ -195,18 +199,21 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=32, help="slots of both servers (default 32)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")
+    ap.add_argument("--scheme", default="f16", help="f16 (lmsmith float vs llama.cpp f16), or a GGUF scheme both "
+                                                    "servers run from the same file (lmsmith --packed)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     import torch
 
     print(f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        hf, gguf, text = make_model(args.preset, Path(tmp))
+        hf, gguf, text = make_model(args.preset, Path(tmp), args.scheme)
         context = json.loads((hf / "config.json").read_text())["max_position_embeddings"]
         results = {}
         port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        ours = Proc([sys.executable, "-m", "lmsmith", "serve", str(hf), "--port", str(port), "--model-name", "m",
+        served = [str(hf)] if args.scheme == "f16" else [str(gguf), "--packed"]
+        ours = Proc([sys.executable, "-m", "lmsmith", "serve", *served, "--port", str(port), "--model-name", "m",
                      "--max-batch", str(args.slots), "--max-queue", "1000"], port, env)
         try:
             results["lmsmith"] = bench_server("lmsmith", ours, "m", text, levels)
@@ -224,7 +231,8 @@ def main() -> None:
                 results["llama_rss"] = theirs.peak_rss_mb()
                 theirs.stop()
     print()
-    print(f"{args.preset} preset, {args.slots} slots, greedy, mixed prompts 32-256 / outputs 32-128 tokens")
+    print(f"{args.preset} preset ({args.scheme}), {args.slots} slots, greedy, mixed prompts 32-256 / outputs 32-128 "
+          "tokens")
     ours = results["lmsmith"]
     base = ours[0]["tok_s"]
     head = "clients  lmsmith tok/s  vs 1 client"
