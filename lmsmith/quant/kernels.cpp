@@ -378,22 +378,39 @@ struct QRow {  // one activation row, quantized
     std::vector<int16_t> bsums;  // sums of q over every 16 (K-quants)
 };
 
+// Rounds one row to int8 per block (blocks of 32 values at least), 32 values at a time; the same
+// values as std::nearbyint (round half to even) of x * 127 / max|x|.
 void quantize_row(const float* x, int64_t K, int block, QRow& r) {
     const int64_t nb = K / block;
     r.d.resize(size_t(nb));
     r.q.resize(size_t(K));
-    r.bsums.assign(size_t(K / 16), 0);
+    r.bsums.resize(size_t(K / 16));
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo packs' lane interleave
     for (int64_t b = 0; b < nb; b++) {
         const float* xb = x + b * block;
-        float amax = 0;
-        for (int i = 0; i < block; i++) amax = std::fmax(amax, std::fabs(xb[i]));
-        const float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
-        r.d[size_t(b)] = d;
-        for (int i = 0; i < block; i++) {
-            const int v = int(std::nearbyint(xb[i] * id));
-            r.q[size_t(b * block + i)] = int8_t(v);
-            r.bsums[size_t((b * block + i) / 16)] += int16_t(v);
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < block; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        r.d[size_t(b)] = amax / 127.0f;
+        const __m256 id = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+        for (int i = 0; i < block; i += 32) {
+            __m256i v[4];
+            for (int k = 0; k < 4; k++)
+                v[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * k), id),
+                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            const __m256i q16a = _mm256_packs_epi32(v[0], v[1]), q16b = _mm256_packs_epi32(v[2], v[3]);
+            const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16a, q16b), order);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + b * block + i), q8);
         }
+    }
+    for (int64_t g = 0; g < K / 16; g++) {  // sums of every 16 (K-quants' mins and zero points)
+        int s = 0;
+        for (int i = 0; i < 16; i++) s += r.q[size_t(16 * g + i)];
+        r.bsums[size_t(g)] = int16_t(s);
     }
 }
 
