@@ -49,11 +49,12 @@ class Stats:
 def _gguf_names(model: nn.Module) -> dict[str, str]:
     """{module name: GGUF weight name} for every linear layer the head included."""
     from .gguf import gguf_name
+    from .linear import QuantLinear
 
     tied = getattr(model.config, "tie_embeddings", False)
     names = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) or type(m).__name__ == "QuantLinear":
+        if isinstance(m, (nn.Linear, QuantLinear)):
             names[name] = "token_embd.weight" if name == "lm_head" and tied else gguf_name(f"{name}.weight")
     return names
 
@@ -70,18 +71,26 @@ def collect(model: nn.Module, token_chunks: Iterable[list[int]], progress=None,
     """
     names = _gguf_names(model)
     stats: dict[str, Stats] = {}
+    # q/k/v (and gate/up) read the same input tensor: its sums are computed once. The cache holds
+    # the tensor itself, so its memory cannot be reused by another input while it is compared.
+    last: list = [None, None, None]  # input, sum of squares, x^T x
+
+    def moments(inp: torch.Tensor):
+        if last[0] is not inp:
+            x = inp.detach().float().reshape(-1, inp.shape[-1])
+            h = (x.double().T @ x.double()).numpy() if hessians else None
+            last[:] = [inp, (x * x).sum(dim=0).double().numpy(), h]
+        return last[1], last[2]
 
     def hook(module, args, name=None):
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        sum2, h = moments(args[0])
         s = stats.get(name)
         if s is None:
-            s = stats[name] = Stats(np.zeros(x.shape[1], np.float64), 0)
-        s.sum2 += (x * x).sum(dim=0).double().numpy()
-        s.count += x.shape[0]
-        if hessians:
-            xd = x.double()
-            h = (xd.T @ xd).numpy()
-            s.hessian = h if s.hessian is None else s.hessian + h
+            s = stats[name] = Stats(np.zeros(sum2.shape[0], np.float64), 0)
+        s.sum2 += sum2
+        s.count += args[0].numel() // args[0].shape[-1]
+        if h is not None:
+            s.hessian = h.copy() if s.hessian is None else s.hessian + h
 
     handles = [model.get_submodule(m).register_forward_pre_hook(lambda mod, a, n=g: hook(mod, a, n))
                for m, g in names.items()]
@@ -95,6 +104,7 @@ def collect(model: nn.Module, token_chunks: Iterable[list[int]], progress=None,
     finally:
         for h in handles:
             h.remove()
+        last.clear()
         model.train(was_training)
     if not stats:
         raise LmsmithError("no calibration tokens reached the model; give more calibration text")

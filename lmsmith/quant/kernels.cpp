@@ -362,6 +362,12 @@ int dequantize(const uint8_t* w, const float* scales, int64_t N, int64_t K, floa
         default: return -1;                          \
     }
 
+template <class T>
+int64_t row_bytes_of(int64_t K) { return T::row_bytes(K); }
+
+// bytes of one packed row of K weights of type `code` (-1 for an unknown code)
+inline int64_t packed_row_bytes(int code, int64_t K) { LMSMITH_DISPATCH(code, row_bytes_of, K) }
+
 // ---- the int8-activation path (AVX2): llama.cpp's method ------------------------------------------
 //
 // Activations are rounded to int8 with one float scale per 256 (K-quant weights; plus their sums
@@ -632,8 +638,7 @@ int matmul_int8(int code, const uint8_t* w, const float* scales, int64_t N, int6
                 float* y, int threads) {
     const int block = int8_block(code, K);
     if (!block) return -1;
-    const int64_t rb = code == kInt8Rows ? K : code == 8 ? K / 32 * 34
-                                                         : K / 256 * (code == 11 ? 110 : code == 12 ? 144 : code == 13 ? 176 : 210);
+    const int64_t rb = packed_row_bytes(code, K);
     std::vector<QRow> rows(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, block, rows[size_t(m)]);
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -2,17 +2,19 @@
 
 PyTorch has no kernel that reads GGUF blocks (its int4/int8 weight-only kernels take one scale
 per group or per row, and are fast only with bf16 activations), so lmsmith carries one small C++
-file: for every output row it unpacks 256 weights at a time into L1 and multiplies them with the
-activations in float32, so no dequantized weight is ever written to memory. The values it
-multiplies are exactly lmsmith's dequantized weights; results differ from dequantize-then-matmul
-only in the order of float additions.
+file: for every output row it unpacks 256 weights at a time in registers or L1, so no dequantized
+weight is ever written to memory. Two products (`Product`): by default, on AVX2, activations are
+rounded to int8 and blocks multiply in integers, as llama.cpp does (~0.6% relative error); the
+exact one multiplies float32 activations with exactly lmsmith's dequantized values (results
+differ from dequantize-then-matmul only in the order of float additions).
 
 The library is compiled on first use (`c++ -O3 -march=native -fopenmp`, about 5 seconds) into
-`$LMSMITH_CACHE_DIR` (default `~/.cache/lmsmith`), keyed by the source, the compiler and the CPU,
-and written atomically, so concurrent processes never load a half-written file. It links no torch
-symbols and reuses the OpenMP runtime torch has loaded (same soname), so its threads do not
-compete with torch's. Without a compiler (or with `LMSMITH_KERNELS=0`) `library()` is None and
-`QuantLinear` dequantizes in torch instead, with one warning.
+`$LMSMITH_CACHE_DIR` (default `~/.cache/lmsmith`; the temporary folder if that is read-only),
+keyed by the source, the compiler and the CPU, and written atomically, so concurrent processes
+never load a half-written file. It links no torch symbols and reuses the OpenMP runtime torch has
+loaded (same soname), so its threads do not compete with torch's. Without a compiler (or with
+`LMSMITH_KERNELS=0`) `library()` is None and `QuantLinear` dequantizes in torch instead, with
+one warning.
 
 `python -m lmsmith.quant.kernels` builds the library and prints where it is.
 """
@@ -177,12 +179,6 @@ class Product:
         if (exact or _lib.lmsmith_packed_matmul_int8(*args)) and _lib.lmsmith_packed_matmul(*args):
             raise ValueError(f"{self.fmt} rows of {k} weights are not whole blocks")
         return y
-
-
-def matmul(fmt: str, qweight: torch.Tensor, scales: torch.Tensor | None, x: torch.Tensor, n: int,
-           exact: bool = False) -> torch.Tensor:
-    """`Product(fmt, qweight, scales, n, K)(x, exact)` for a one-off product."""
-    return Product(fmt, qweight, scales, n, x.shape[1])(x, exact)
 
 
 def dequantize(fmt: str, qweight: torch.Tensor, scales: torch.Tensor | None, n: int, k: int) -> torch.Tensor:

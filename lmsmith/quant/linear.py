@@ -23,7 +23,6 @@ tied head is a `QuantLinear` over the same bytes.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,16 +80,20 @@ class _Packed(nn.Module):
     def _kernels(self, device: torch.device):
         return kernels.library() if device.type == "cpu" else None
 
+    def _decode(self, q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Packed rows q (n, row bytes) (and their int8 scales) -> float32 (n, cols): the kernels on CPU,
+        else torch."""
+        n = q.shape[0]
+        if self._kernels(q.device) is not None:
+            return kernels.dequantize(self.fmt, q.contiguous(), scale, n, self.cols)
+        if self.fmt == "int8":
+            return q.float() * scale[:, None]
+        return DEQUANTIZE[self.qtype](q.reshape(-1, type_info(self.qtype).type_size)).reshape(n, self.cols)
+
     def dequantize_rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows start:end of the weight, dequantized to `dtype` (end - start, cols)."""
-        q = self.qweight[start:end]
         scale = self.weight_scale[start:end] if self.weight_scale is not None else None
-        if self._kernels(q.device) is not None:
-            return kernels.dequantize(self.fmt, q, scale, end - start, self.cols).to(dtype)
-        if self.fmt == "int8":
-            return q.to(dtype) * scale[:, None].to(dtype)
-        info = type_info(self.qtype)
-        return DEQUANTIZE[self.qtype](q.reshape(-1, info.type_size)).reshape(end - start, self.cols).to(dtype)
+        return self._decode(self.qweight[start:end], scale).to(dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole weight as a float tensor (rows, cols) (for tests and export; forward never builds it)."""
@@ -174,14 +177,8 @@ class QuantEmbedding(_Packed):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        q = self.qweight.index_select(0, flat)
         scale = self.weight_scale.index_select(0, flat) if self.weight_scale is not None else None
-        if self._kernels(q.device) is not None:
-            rows = kernels.dequantize(self.fmt, q, scale, flat.numel(), self.embedding_dim)
-        elif self.fmt == "int8":
-            rows = q.float() * scale[:, None]
-        else:
-            rows = DEQUANTIZE[self.qtype](q.reshape(-1, type_info(self.qtype).type_size))
+        rows = self._decode(self.qweight.index_select(0, flat), scale)
         return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
@@ -280,8 +277,3 @@ def resident_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
-
-
-def packed_from_numpy(data: np.ndarray) -> torch.Tensor:
-    """A uint8 torch tensor sharing memory with GGUF bytes (helper for loaders)."""
-    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8))
