@@ -106,6 +106,14 @@ def run(args) -> int:
                            "imatrix file does not hold")
     if args.write_imatrix and not args.calibration:
         raise LmsmithError("--write-imatrix saves the matrix --calibration measures; give --calibration DATA")
+    for flag, paths in (("--calibration", args.calibration), ("--eval-data", args.eval_data)):
+        for path in paths or ():  # before the model loads: a typo should not cost a model load
+            if not Path(path).exists():
+                raise LmsmithError(f"{flag} {path}: no such file or folder; give text files, folders, .jsonl or "
+                                   "a token-shard folder")
+    if args.imatrix and not Path(args.imatrix).exists():
+        raise LmsmithError(f"--imatrix {args.imatrix}: no such file; measure one with --calibration DATA "
+                           "--write-imatrix FILE, or llama-imatrix")
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise LmsmithError(f"--out {args.out} already exists; pass --overwrite to replace it, or choose another path")
     from ..loader import load
