@@ -128,3 +128,18 @@ def test_cli_compare_truth(trained, capsys, tmp_path):
     assert "'and'" in out and "50.00%" in out and "KL(true || model) =" in out
     assert main(["probs", str(path), "--prompt", "The moon", "--compare-truth"]) == 0
     assert "never writes 'moon' after 'The'" in capsys.readouterr().out
+
+
+def test_cli_shows_truth_by_default_for_a_grammar_prompt(trained, capsys):
+    """The issue's command has no flag: a prompt the grammar can produce gets the true table and the KL."""
+    from lmsmith.cli import main
+
+    _, _, path = trained
+    assert main(["probs", str(path), "--prompt", "The cat sat on the", "--top", "5", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("KL(true || model) =") >= 1 and "'floor'" in out and "19.00%" in out
+    assert main(["probs", str(path), "--prompt", "The cat sat on the", "--no-compare-truth"]) == 0
+    assert "KL(true" not in capsys.readouterr().out
+    assert main(["probs", str(path), "--prompt", "def f(x):"]) == 0  # code: no truth, no complaint
+    out = capsys.readouterr().out
+    assert "KL(true" not in out and "no true distribution" not in out

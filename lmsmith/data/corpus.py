@@ -18,7 +18,7 @@ Four sources, so `lmsmith pretrain` runs on a fresh machine with no download:
 - "stories" (weight 0.15, about 12% of the batches): 20,000 short English stories from the
   grammar in `stories.py`, one document each, so the demo model speaks simple English and its
   next-token table for "The cat sat on the" can be checked against the grammar's exact
-  next-word probabilities (`lmsmith probs ... --compare-truth`).
+  next-word probabilities (`lmsmith probs` prints them for such a prompt).
 """
 
 from __future__ import annotations

@@ -4,10 +4,14 @@ The model's output is a probability distribution over the vocabulary; this shows
 its top k rows. With --steps N the most likely token is appended and the table
 shown again, N times (greedy decoding, slowed down to be watched). With
 --temperature T a second column shows softmax(logits / T) next to T=1: the same
-ranking, sharpened (T < 1) or flattened (T > 1).
+ranking, sharpened (T < 1) or flattened (T > 1). For a prompt the built-in stories
+grammar can produce ("The cat sat on the"), the grammar's exact next-word probabilities
+and KL(true || model) are printed under each table.
 """
 
 from __future__ import annotations
+
+import argparse
 
 HELP = "the table of the most likely next tokens, step by step"
 DESCRIPTION = __doc__.split("\n", 2)[2].strip() if __doc__ else HELP
@@ -22,9 +26,10 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=None, help="also show softmax(logits / T) next to T=1")
     p.add_argument("--steps", type=int, default=1, help="append the greedy token and repeat, N tables (default: 1)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of the tables to this PNG")
-    p.add_argument("--compare-truth", action="store_true",
+    p.add_argument("--compare-truth", action=argparse.BooleanOptionalAction, default=None,
                    help="for a prompt from the stories grammar (`data synth --task stories`, in the built-in "
-                        "corpus): the model's probability of each next word beside the grammar's exact one, and the KL")
+                        "corpus): the model's probability of each next word beside the grammar's exact one, and the "
+                        "KL (default: shown whenever the prompt is one the grammar can produce)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     add_packed_argument(p)
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
@@ -63,6 +68,9 @@ def run(args) -> int:
     show_t = T is not None and T != 1.0
     tables = []
     text = args.prompt
+    # Auto: the truth is shown when the grammar can produce the prompt; --compare-truth asks even when it cannot
+    # (and says why there is none), --no-compare-truth never shows it.
+    compare = args.compare_truth if args.compare_truth is not None else _truth(text) is not None
     for step in range(args.steps):
         check_prompts([ids], model.config.max_seq_len)
         with torch.inference_mode():
@@ -73,7 +81,7 @@ def run(args) -> int:
         rows = []
         for i, p in zip(top.indices.tolist(), top.values.tolist()):
             rows.append((show_token(tokenizer.decode([i])), p, float(pt[i]) if show_t else None, i))
-        tables.append((text, rows, _truth(text) if args.compare_truth else None))
+        tables.append((text, rows, _truth(text) if compare else None))
         print(f"{'step ' + str(step + 1) + ': ' if args.steps > 1 else ''}{text!r}")
         head = f"  {'#':>3}  {'token':<20} {'p(T=1)':>9}" + (f" {f'p(T={T:g})':>10}" if show_t else "")
         print(head)
@@ -83,7 +91,7 @@ def run(args) -> int:
                 line += f" {q * 100:>9.2f}%"
             print(line)
         print("  " + ", ".join(f"{tok} {p * 100:.2f}%" for tok, p, _, _ in rows))
-        if args.compare_truth:
+        if compare:
             _print_truth(model, tokenizer, text, args.top)
         if step + 1 < args.steps:
             nxt = rows[0][3]
