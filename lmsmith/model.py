@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kvcache import KVCache
+from .loss import plain_head_weight, target_loss
 
 __all__ = ["KVCache", "Transformer", "build_model"]
 
@@ -284,13 +285,18 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, dtype=dtype or w.dtype,
                        device=device or w.device)
 
-    def forward(self, input_ids: torch.Tensor | None = None, *, last_only: bool = False, **kwargs) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
+                reduction: str = "sum", last_only: bool = False, **kwargs) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with `last_only` (prefill needs only the last row).
 
+        With `labels` (B, T) (shifted targets, -100 where ignored) the next-token cross-entropy
+        instead: summed to a scalar, or per token (B, T) with `reduction="none"` (`loss.target_loss`).
         Keyword arguments are those of `hidden_states`. With a `PackedStep` as the cache,
         `last_only` gives each segment's last token: (1, segments, V).
         """
         h = self.hidden_states(input_ids, **kwargs)
+        if labels is not None:
+            return target_loss(h, labels, self.lm_head, plain_head_weight(self.lm_head), reduction)
         if last_only:
             h = last_positions(h, kwargs.get("cache"))
         return self.lm_head(h)

@@ -314,9 +314,16 @@ class PromptTunedModel(nn.Module):
         return self.base.hidden_states(inputs_embeds=x, positions=positions, attention_mask=attention_mask,
                                        cache=_PrefixKV(kv[:, 0], kv[:, 1]))
 
-    def forward(self, input_ids: torch.Tensor | None = None, *, last_only: bool = False, **kwargs) -> torch.Tensor:
-        """Logits (B, T, V) for the real tokens, or (B, 1, V) with `last_only`."""
+    def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
+                reduction: str = "sum", last_only: bool = False, **kwargs) -> torch.Tensor:
+        """Logits (B, T, V) for the real tokens, or (B, 1, V) with `last_only`; with `labels`, the
+        loss as `Transformer.forward` gives it (through the head with the trained token rows)."""
         h = self.hidden_states(input_ids, **kwargs)
+        if labels is not None:
+            from ..loss import plain_head_weight, target_loss
+
+            weight = self.output_weight() if plain_head_weight(self.lm_head) is not None else None
+            return target_loss(h, labels, self.logits, weight, reduction)
         if last_only:
             from ..model import last_positions
 

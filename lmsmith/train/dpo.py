@@ -26,21 +26,11 @@ import torch.nn.functional as F
 from .objectives import IGNORE_INDEX, causal_lm_objective
 
 
-def _is_plain(model) -> bool:
-    """A Transformer (hidden_states + lm_head) rather than a wrapper with its own forward."""
-    return hasattr(model, "hidden_states") and hasattr(model, "lm_head")
-
-
 def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
-    """Cross-entropy summed over response tokens; batch {"input_ids": (B, T), "labels": (B, T)}."""
-    if _is_plain(model):
-        return causal_lm_objective(model, batch)
-    logits = model(batch["input_ids"])  # (B, T, V): wrappers return logits of the real tokens only
-    labels = batch["labels"]
-    n = int((labels != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, {}, n
+    """Cross-entropy summed over response tokens; batch {"input_ids": (B, T), "labels": (B, T)}.
+
+    The same computation as pretraining's: every model (plain or wrapped) takes `labels` in its forward."""
+    return causal_lm_objective(model, batch)
 
 
 sft_objective.perplexity = True  # per-token NLL of the responses
@@ -53,20 +43,10 @@ def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> t
         input_ids: (B, T) token ids; labels: (B, T) shifted targets, -100 where ignored.
 
     Returns:
-        (B,) fp32 summed log-probabilities. On plain models only the response rows go through
-        the LM head (the prompt's logits are never built), with the log-softmax in fp32.
+        (B,) fp32 summed log-probabilities. Only the response rows go through the LM head (the
+        prompt's logits are never built), with the log-softmax in fp32.
     """
-    keep = labels != IGNORE_INDEX  # (B, T)
-    rows = keep.nonzero(as_tuple=True)[0]  # (N,) batch row of each target
-    targets = labels[keep]  # (N,)
-    if _is_plain(model):
-        h = model.hidden_states(input_ids)[keep]  # (N, D)
-        logits = (model.logits(h) if hasattr(model, "logits") else model.lm_head(h)).float()  # (N, V)
-    else:
-        logits = model(input_ids)[keep].float()  # (N, V)
-    tok_lp = -F.cross_entropy(logits, targets, reduction="none")  # (N,)
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=tok_lp.device)
-    return out.index_add(0, rows, tok_lp)
+    return -model(input_ids, labels=labels, reduction="none").sum(dim=1)
 
 
 def _pair_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
