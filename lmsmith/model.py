@@ -88,9 +88,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts from the projections' outputs: under tensor parallelism a rank holds H/tp heads.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if getattr(cache, "packed", False):  # several rows' tokens in one sequence: attend per segment
             y = _packed_attention(cache, layer, q, k, v, self.window, self.n_kv_heads != self.n_heads)
@@ -104,7 +105,7 @@ class Attention(nn.Module):
         S = k.shape[2]
         windowed = self.window is not None and self.window < S
         if mask is None and T > 1:  # causal, the T new tokens after S - T earlier keys
-            if torch.is_grad_enabled() and _fits(B, self.n_heads, T, S):
+            if torch.is_grad_enabled() and _fits(B, q.shape[1], T, S):
                 return self.o_proj(_causal_attention(q, k, v, self.window).transpose(1, 2).reshape(B, T, -1))
             if S > T or windowed:  # SDPA's is_causal aligns the triangle top-left: spell the offset out
                 mask = _causal_keep(T, S, self.window, x.device)
@@ -253,7 +254,9 @@ class Transformer(nn.Module):
             cache: a KVCache to read and extend (each row's length advances by T).
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x.shape
+        B, _, _ = x.shape
+        # The sequence length of the ids: with sequence parallelism x holds only this rank's T/tp positions.
+        T = input_ids.shape[1] if inputs_embeds is None else x.shape[1]
         if getattr(cache, "packed", False):  # a PackedStep: positions per segment, attention per segment
             cos, sin = rope_cos_sin(self.inv_freq, cache.positions(x.device), _compute_dtype(x))
             for i, block in enumerate(self.model.layers):
@@ -296,6 +299,9 @@ class Transformer(nn.Module):
         """
         h = self.hidden_states(input_ids, **kwargs)
         if labels is not None:
+            if type(h) is not torch.Tensor and not isinstance(h, nn.Parameter):
+                # A DTensor (sequence-parallel norm): the tensor-parallel head gathers the logits first.
+                return target_loss(self.lm_head(h), labels, _identity, None, reduction)
             return target_loss(h, labels, self.lm_head, plain_head_weight(self.lm_head), reduction)
         if last_only:
             h = last_positions(h, kwargs.get("cache"))
@@ -328,6 +334,10 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def last_positions(h: torch.Tensor, cache) -> torch.Tensor:

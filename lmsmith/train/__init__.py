@@ -1,15 +1,7 @@
 """The one training loop: objectives, AdamW + schedules, run state, metrics."""
 
-from .loop import (
-    TrainConfig,
-    TrainResult,
-    accumulate_gradients,
-    apply_activation_checkpointing,
-    apply_compile,
-    evaluate,
-    sample_text,
-    train,
-)
+from ..distributed.parallelize import apply_activation_checkpointing, apply_compile
+from .loop import TrainConfig, TrainResult, accumulate_gradients, evaluate, sample_text, train
 from .objectives import IGNORE_INDEX, causal_lm_objective
 from .optim import build_optimizer, lr_at, param_groups
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import random
 import sys
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ..distributed.parallelize import parallelize
+from ..distributed.ranks import Ranks
 from ..errors import LmsmithError
 from ..precision import POLICIES, autocast, autocast_dtype
 from . import state as st
@@ -191,38 +192,6 @@ class TrainResult:
         return "; ".join(parts)
 
 
-# ---- model transforms -------------------------------------------------------------------
-
-
-def apply_activation_checkpointing(model) -> None:
-    """Recompute every block's activations during backward instead of storing them.
-
-    Wraps each `model.model.layers[i].forward` with torch.utils.checkpoint (non-reentrant);
-    parameters and state-dict names are untouched. Inference (no grad) skips the wrapper.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.model.layers:
-        if getattr(block, "_lmsmith_checkpointed", False):
-            continue
-        inner = block.forward
-
-        @functools.wraps(inner)
-        def forward(*args, _inner=inner, **kwargs):
-            if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
-        block._lmsmith_checkpointed = True
-
-
-def apply_compile(model) -> None:
-    """torch.compile each block in place (per-block, so `hidden_states` and any objective benefit)."""
-    for block in model.model.layers:
-        block.compile()
-
-
 # ---- sampling ---------------------------------------------------------------------------
 
 
@@ -274,13 +243,16 @@ def _batch_tokens(batch: dict) -> tuple[int, int]:
 
 
 def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_batches: int,
-             policy: str = "auto", device: torch.device | str = "cpu") -> dict[str, float]:
+             policy: str = "auto", device: torch.device | str = "cpu", ranks: Ranks | None = None
+             ) -> dict[str, float]:
     """Mean loss per item over `n_batches` batches of a fresh eval iterator, with the objective's metrics.
 
     Returns `val_loss`, `val_<metric>` for each metric the objective reports (averaged over batches),
     and `val_ppl` = exp(val_loss) only for objectives whose loss is a per-token negative log-likelihood
-    (those marked `objective.perplexity = True`): exp of a DPO loss is no perplexity.
+    (those marked `objective.perplexity = True`): exp of a DPO loss is no perplexity. Under data
+    parallelism each rank evaluates its slice of every batch and the sums are added over the ranks.
     """
+    ranks = ranks or Ranks()
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -290,7 +262,7 @@ def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_
             for i, batch in enumerate(eval_batches()):
                 if i >= n_batches:
                     break
-                loss_sum, metrics, n = objective(model, _to_device(batch, device))
+                loss_sum, metrics, n = objective(model, _to_device(ranks.shard_batch(batch), device))
                 total += float(loss_sum)
                 count += n
                 batches += 1
@@ -298,6 +270,9 @@ def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_
                     sums[k] = sums.get(k, 0.0) + float(v)
     finally:
         model.train(was_training)
+    keys = sorted(sums)
+    total, count, *summed = ranks.sum([total, count, *(sums[k] for k in keys)])
+    sums = {k: v / ranks.dp_size for k, v in zip(keys, summed)}
     if count == 0:
         raise LmsmithError("evaluation data produced no target tokens; check the validation split")
     val = total / count
@@ -308,12 +283,16 @@ def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_
 
 
 def accumulate_gradients(model, micro_batches, objective, *, params=None, policy: str = "fp32",
-                         device: torch.device | str = "cpu") -> tuple[float, int, dict[str, float]]:
+                         device: torch.device | str = "cpu", ranks: Ranks | None = None
+                         ) -> tuple[float, int, dict[str, float]]:
     """Forward/backward every micro-batch; leave in `.grad` the gradient of the per-item mean loss.
 
-    The mean is over ALL items (tokens) of all micro-batches together, so micro-batches
-    with different token counts are weighted by their counts. Returns (mean loss, items, metrics).
+    The mean is over ALL items (tokens) of all micro-batches together, and over every data-parallel
+    rank (the global token count), so micro-batches and ranks with different token counts are weighted
+    by their counts: the gradient equals one process's on the whole global batch. Returns (mean loss,
+    items, metrics), the same on every rank.
     """
+    ranks = ranks or Ranks()
     params = [p for p in model.parameters() if p.requires_grad] if params is None else params
     loss_total, n_total, metrics_sum = 0.0, 0, {}
     for batch in micro_batches:
@@ -324,14 +303,24 @@ def accumulate_gradients(model, micro_batches, objective, *, params=None, policy
         n_total += n
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / len(micro_batches)
+    keys = sorted(metrics_sum)
+    loss_total, n_total, *summed = ranks.sum([loss_total, n_total, *(metrics_sum[k] for k in keys)])
+    metrics_sum = {k: v / ranks.dp_size for k, v in zip(keys, summed)}
+    n_total = int(n_total)
     if n_total == 0:
         raise LmsmithError("a training step had no target tokens (every label is -100); check the data")
-    # Gradients hold d(sum of losses); one division gives the per-item mean over every
-    # micro-batch of the step (not a mean of micro-batch means).
+    # Gradients hold d(sum of losses) (DDP / FSDP average them over the dp ranks: times dp_size undoes
+    # that); one division by the global count gives the per-item mean over every micro-batch and rank
+    # of the step (not a mean of means).
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
-        torch._foreach_mul_(grads, 1.0 / n_total)
+        torch._foreach_mul_(grads, ranks.dp_size / n_total)
     return loss_total / n_total, n_total, metrics_sum
+
+
+def _global_norm(norm) -> float:
+    """clip_grad_norm_'s total as a float: a DTensor (FSDP / TP gradients) holds it replicated."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 @dataclass
@@ -350,7 +339,7 @@ class _Committed:
 def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=None,
           eval_batches: Callable[[], Iterator[dict]] | None = None,
           sample_fn: Callable[[Any], str] | None = None, resume: bool = False,
-          trainable_params: list[torch.nn.Parameter] | None = None) -> TrainResult:
+          trainable_params: list[torch.nn.Parameter] | None = None, ranks: Ranks | None = None) -> TrainResult:
     """Train `model` on `batches` with `objective` for `config.max_steps` optimizer steps.
 
     Args:
@@ -367,6 +356,11 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         sample_fn: `sample_fn(model) -> str`, called every `sample_every` steps.
         resume: continue from the newest readable checkpoint in `out_dir` (a fresh start if none).
         trainable_params: train only these (LoRA, prompt tuning); default all with requires_grad.
+        ranks: this process's place in a torchrun job (`distributed.init_ranks`); None: one process.
+            The loop applies the layout's parallelisms to `model` (before the optimizer is built), gives
+            each data-parallel rank its slice of every global batch, normalises by the global token
+            count, logs and prints on rank 0 only, stops every rank on a Ctrl-C any of them saw, and
+            writes sharded checkpoints (`distributed.dcp`) that resume on any world size.
 
     Returns:
         A TrainResult. Ctrl-C or SIGTERM writes a checkpoint of the last completed step and returns
@@ -376,15 +370,22 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         LmsmithError: on a non-finite loss or gradient (the last good checkpoint is kept).
     """
     cfg = dataclasses.replace(config)  # a time budget's fitted step count goes into this copy
+    ranks = ranks or Ranks()
     clock = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
-    st.clean_temporaries(out_dir)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        st.clean_temporaries(out_dir)
+    ranks.barrier()
     device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
     model.to(device)
     model.train()
     st.seed_everything(cfg.seed)
+    # The layout's parallelisms (and checkpointing / compile) before the optimizer sees the parameters.
+    half = autocast_dtype(cfg.dtype, device)
+    parallelize(model, ranks, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                param_dtype=half if half == torch.bfloat16 else None)
 
     groups = param_groups(model, cfg.weight_decay, trainable_params)
     params = [p for g in groups for p in g["params"]]
@@ -398,7 +399,8 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     start_step, rows, resumed_from, tokens_before, elapsed_before = 0, [], None, 0, 0.0
     fitted = False
     if resume:
-        restored = st.restore_latest(ckpt_root, model, optimizer, batches, device, cfg.grad_accum)
+        restored = st.restore_latest(ckpt_root, model, optimizer, batches, device, cfg.grad_accum,
+                                     ranks=ranks, trainable_only=trainable is not None)
         if restored is not None:
             resumed_from, state = restored
             start_step, rows = state["step"], state["metrics"]
@@ -407,13 +409,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
             if cfg.time_budget and state.get("fitted"):
                 # The budget's step count was fitted before the interruption: go on with its schedule.
                 cfg.max_steps, cfg.warmup_steps, fitted = saved["max_steps"], saved["warmup_steps"], True
-    # Transforms after loading so the weights land in plain modules.
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.compile:
-        apply_compile(model)
-
-    log = MetricsLog(out_dir / "metrics.jsonl", rows)
+    log = MetricsLog(out_dir / "metrics.jsonl", rows, write=ranks.main)
     mcfg = getattr(model, "config", None)
     compute_dtype = autocast_dtype(cfg.dtype, device) or next(model.parameters()).dtype
     peak = cfg.peak_flops
@@ -430,8 +426,9 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                                       config=cfg.to_dict(), data_state=c.data, rng=c.rng, metrics=log.rows,
                                       extra={"tokens": c.tokens, "elapsed": c.elapsed,
                                              "fitted": bool(budget and budget.fitted)},
-                                      trainable=trainable)
-            st.prune_checkpoints(ckpt_root, cfg.keep_last)
+                                      trainable=trainable, ranks=ranks)
+            if ranks.main:
+                st.prune_checkpoints(ckpt_root, cfg.keep_last)
         return path
 
     def run_eval(step: int) -> dict | None:
@@ -439,7 +436,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
             return None
         with torch.random.fork_rng(devices=[]):
             ev = evaluate(model, eval_batches, objective, n_batches=cfg.eval_batches, policy=cfg.dtype,
-                          device=device)
+                          device=device, ranks=ranks)
         row = {"step": step, **ev}
         log.write(row)
         ppl = f", ppl {ev['val_ppl']:.2f}" if "val_ppl" in ev else ""
@@ -451,8 +448,9 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         if fn is None and tokenizer is not None:
             def fn(m):
                 return sample_text(m, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
-        if fn is None:
+        if fn is None or ranks.layout.tp > 1:  # the KV cache holds every head: no samples under TP
             return
+        # Every rank samples (FSDP gathers weights in each forward); rank 0 reports.
         # Sampling may draw random numbers; keep the training RNG stream untouched.
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]), autocast(cfg.dtype, device):
@@ -461,7 +459,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         log.write({"step": step, "sample": text})
         bar.write(f"step {step} sample: {text!r}")
 
-    bar = progress_bar(cfg.max_steps, start_step, cfg.progress)
+    bar = progress_bar(cfg.max_steps, start_step, cfg.progress and ranks.main, quiet=not ranks.main)
     if resumed_from is not None:
         bar.write(f"resumed from {resumed_from} at step {start_step}")
     losses: dict[int, float] = {}
@@ -497,7 +495,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     with StopFlag() as stop:
         try:
             while committed.step < cfg.max_steps:
-                if stop.requested:
+                if ranks.any(stop.requested):  # one rank's Ctrl-C stops all of them at the same step
                     raise KeyboardInterrupt
                 step = committed.step
                 lr = cfg.lr_at(step)
@@ -506,16 +504,17 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                 micro, step_tokens = [], 0
                 for _ in range(cfg.grad_accum):
                     try:
-                        micro.append(_to_device(next(batches), device))
+                        batch = next(batches)  # the global micro-batch: every rank draws the same one
                     except StopIteration:
                         raise LmsmithError(f"the training data ran out at step {step + 1} of {cfg.max_steps}; "
                                            "use more data, more epochs, or fewer max_steps") from None
-                    ntok, seq_len = _batch_tokens(micro[-1])
+                    ntok, seq_len = _batch_tokens(batch)
                     step_tokens += ntok
+                    micro.append(_to_device(ranks.shard_batch(batch), device))
                 loss, n_total, step_metrics = accumulate_gradients(model, micro, objective, params=params,
-                                                                   policy=cfg.dtype, device=device)
+                                                                   policy=cfg.dtype, device=device, ranks=ranks)
                 del micro
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                grad_norm = _global_norm(torch.nn.utils.clip_grad_norm_(
                     params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"), foreach=True))
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was saved"
@@ -533,7 +532,8 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                 losses[step] = loss
                 bar.update(1)
 
-                if budget and (fit := budget.after_step(step, elapsed(), eval_estimate)) is not None:
+                fit = budget.after_step(step, elapsed(), eval_estimate) if budget else None
+                if budget and (fit := ranks.from_main(fit)) is not None:
                     set_length(fit)
                     cfg.warmup_steps = min(cfg.warmup_steps, max(step, cfg.max_steps // 10))
                     bar.write(f"time budget {format_duration(cfg.time_budget)}: the run takes about "
@@ -571,8 +571,8 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                     if budget:
                         budget.save_seconds = time.perf_counter() - t0
                 if budget and step < cfg.max_steps and step % (cfg.save_every or cfg.eval_every or 50) == 0:
-                    set_length(budget.after_overhead(step, elapsed()))
-            if stop.requested:
+                    set_length(ranks.from_main(budget.after_overhead(step, elapsed())))
+            if ranks.any(stop.requested):
                 raise KeyboardInterrupt  # the signal came during the last step: save it, finish on resume
         except KeyboardInterrupt:
             interrupted = True
@@ -586,8 +586,9 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                     checkpoint(committed)
                 last_ckpt = st.latest_checkpoint(ckpt_root)
             why = f"Stopped by {stop.signal_name}" if stop.signal_name else "Interrupted"
-            print(f"\n{why} at step {committed.step}. Checkpoint: {last_ckpt}. "
-                  f"Resume with the same command plus --resume (train(..., resume=True)).", file=sys.stderr)
+            if ranks.main:
+                print(f"\n{why} at step {committed.step}. Checkpoint: {last_ckpt}. "
+                      f"Resume with the same command plus --resume (train(..., resume=True)).", file=sys.stderr)
         finally:
             bar.close()
 
@@ -601,8 +602,8 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
             last_ckpt = checkpoint(committed)
         if trainable is None:
             final_dir = out_dir / "final"
-            st.save_model(model, tokenizer, final_dir)
-        note = plot_loss_curve(log.rows, out_dir / "loss.png")
+            st.save_model(model, tokenizer, final_dir, ranks=ranks)
+        note = plot_loss_curve(log.rows, out_dir / "loss.png") if ranks.main else None
         if note:
             print(f"note: {note}", file=sys.stderr)
     wall = time.perf_counter() - t_start
@@ -616,6 +617,6 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         wall_time=wall, tokens_per_s=tokens_run / max(wall, 1e-9), checkpoint=last_ckpt,
         final_dir=final_dir, interrupted=interrupted, losses=losses, steps_run=step - start_step,
         tokens_run=tokens_run, time_budget=cfg.time_budget if budget and budget.fitted else None)
-    if not interrupted and cfg.progress:
+    if not interrupted and cfg.progress and ranks.main:
         print(result.summary(), file=sys.stderr)
     return result

@@ -44,9 +44,12 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.
 class MetricsLog:
     """Append-only metrics.jsonl; each row is flushed to disk as it is written."""
 
-    def __init__(self, path: Path, rows: list[dict] | None = None):
+    def __init__(self, path: Path, rows: list[dict] | None = None, write: bool = True):
         self.path = Path(path)
         self.rows: list[dict] = list(rows or [])
+        self._write = write  # False on every rank but 0 of a distributed run: the rows are kept, not written
+        if not write:
+            return
         # Rewrite from the rows we were given: after a resume, rows logged past the
         # checkpoint by the interrupted run are dropped, so the file matches the state.
         with open(self.path, "w") as f:
@@ -55,17 +58,22 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
+        if not self._write:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
 
-def progress_bar(total: int, initial: int, enabled: bool = True):
-    """A tqdm bar over optimizer steps (or a silent stand-in when tqdm is missing or disabled)."""
+def progress_bar(total: int, initial: int, enabled: bool = True, quiet: bool = False):
+    """A tqdm bar over optimizer steps (or a stand-in that prints its messages when tqdm is missing or
+    disabled; `quiet`: prints nothing either, for every rank but 0)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         enabled = False
+    if quiet:
+        return _QuietBar()
     if not enabled:
         return _NoBar()
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
@@ -77,6 +85,10 @@ class _NoBar:
     def refresh(self): ...
     def write(self, s): print(s)
     def close(self): ...
+
+
+class _QuietBar(_NoBar):
+    def write(self, s): ...
 
 
 def format_postfix(loss: float, lr: float, tok_s: float, mfu: float | None) -> str:

@@ -122,11 +122,23 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 # ---- writing a checkpoint ---------------------------------------------------------------
 
 
-def save_model(model, tokenizer, path: Path) -> Path:
-    """Write the final model as an HF directory, atomically."""
+def save_model(model, tokenizer, path: Path, ranks=None) -> Path:
+    """Write the final model as an HF directory, atomically (by rank 0; a sharded model is gathered)."""
     from ..checkpoint import save
 
-    return save(model, tokenizer, path)
+    if ranks is None or not ranks.distributed:
+        return save(model, tokenizer, path)
+    if ranks.shards_weights:
+        from ..distributed.dcp import full_state_dict, plain_copy
+
+        full = full_state_dict(model, ranks)  # every rank takes part; rank 0 receives the tensors
+        if ranks.main:
+            save(plain_copy(model, full), tokenizer, path)
+        del full
+    elif ranks.main:
+        save(model, tokenizer, path)
+    ranks.barrier()
+    return path
 
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -134,31 +146,24 @@ TRAINABLE_FILE = "trainable.safetensors"
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model, tokenizer, optimizer, config: dict,
                     data_state: Any, rng: tuple[dict, dict], metrics: list[dict],
-                    extra: dict | None = None, trainable: dict[str, torch.Tensor] | None = None) -> Path:
+                    extra: dict | None = None, trainable: dict[str, torch.Tensor] | None = None,
+                    ranks=None) -> Path:
     """Write `ckpt_root/step-XXXXXXX/` atomically (HF directory + train_state/); return its path.
 
     With `trainable` ({name: parameter}) only those tensors are written (`trainable.safetensors`),
-    not the whole model: the frozen rest is rebuilt from the base on resume.
+    not the whole model: the frozen rest is rebuilt from the base on resume. When the weights are
+    sharded over ranks (FSDP, TP) every rank writes its shards (`distributed.dcp`); replicated weights
+    (DDP) are written by rank 0 alone, as one process would.
     """
+    if ranks is not None and ranks.distributed:
+        return _save_on_ranks(ckpt_root, step, ranks, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                              config=config, data_state=data_state, rng=rng, metrics=metrics, extra=extra,
+                              trainable=trainable)
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    opt_tensors, opt_meta = optimizer_to_files(optimizer)
-    rng_tensors, rng_info = rng
-    state = {
-        "format": 1,
-        "step": step,
-        "optimizer": opt_meta,
-        "rng": rng_info,
-        "data_state": data_state,
-        "config": config,
-        "metrics": metrics,
-        **(extra or {}),
-    }
-    try:
-        state_json = json.dumps(state)
-    except TypeError as e:
-        raise LmsmithError(f"training state is not JSON-serialisable ({e}); the data iterator's "
-                           "state_dict() must return plain lists/dicts/numbers/strings") from None
+    opt_tensors, rng_tensors, state_json = _state_files(optimizer, rng, step=step, config=config,
+                                                        data_state=data_state, metrics=metrics, extra=extra,
+                                                        sharded=False)
 
     def write_train_state(directory: Path) -> None:
         ts = directory / "train_state"
@@ -181,6 +186,68 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, tokenizer, optimizer, 
     # One atomic write for the HF files and train_state/ together.
     save(model, tokenizer, final, extra=write_train_state)
     return final
+
+
+def _state_files(optimizer, rng, *, step, config, data_state, metrics, extra, sharded: bool):
+    """(optimizer tensors, rng tensors, state.json text) of a checkpoint; sharded runs keep the
+    optimizer in dcp/ instead."""
+    opt_tensors, opt_meta = ({}, None) if sharded else optimizer_to_files(optimizer)
+    rng_tensors, rng_info = rng
+    state = {"format": 2 if sharded else 1, "step": step, "optimizer": opt_meta, "rng": rng_info,
+             "data_state": data_state, "config": config, "metrics": metrics, **(extra or {})}
+    try:
+        return opt_tensors, rng_tensors, json.dumps(state)
+    except TypeError as e:
+        raise LmsmithError(f"training state is not JSON-serialisable ({e}); the data iterator's "
+                           "state_dict() must return plain lists/dicts/numbers/strings") from None
+
+
+def _save_on_ranks(ckpt_root: Path, step: int, ranks, *, model, tokenizer, optimizer, config, data_state, rng,
+                   metrics, extra, trainable) -> Path:
+    """A checkpoint of a distributed run: rank 0 alone for replicated weights, every rank for shards."""
+    import contextlib
+
+    from ..fileio import atomic_dir
+
+    final = Path(ckpt_root) / step_dir_name(step)
+    if not ranks.shards_weights:
+        if ranks.main:
+            save_checkpoint(ckpt_root, step, model=model, tokenizer=tokenizer, optimizer=optimizer, config=config,
+                            data_state=data_state, rng=rng, metrics=metrics, extra=extra, trainable=trainable)
+        ranks.barrier()
+        return final
+    from ..distributed.dcp import save_sharded
+
+    _, rng_tensors, state_json = _state_files(optimizer, rng, step=step, config=config, data_state=data_state,
+                                              metrics=metrics, extra=extra, sharded=True)
+    with contextlib.ExitStack() as stack:
+        tmp = None
+        if ranks.main:
+            Path(ckpt_root).mkdir(parents=True, exist_ok=True)
+            tmp = str(stack.enter_context(atomic_dir(final)))
+        tmp = Path(ranks.broadcast(tmp))  # every rank writes into rank 0's temporary folder
+        save_sharded(tmp, model, optimizer, trainable_only=trainable is not None)
+        ranks.barrier()
+        if ranks.main:
+            _write_model_card(model, tokenizer, tmp)
+            ts = tmp / "train_state"
+            ts.mkdir()
+            save_file(rng_tensors, str(ts / "rng.safetensors"))
+            (ts / "state.json").write_text(state_json)
+    ranks.barrier()  # rank 0 has renamed the folder into place
+    return final
+
+
+def _write_model_card(model, tokenizer, directory: Path) -> None:
+    """config.json and the tokenizer of a sharded checkpoint (its weights are in dcp/)."""
+    from ..checkpoint import CONFIG_NAME, special_ids
+    from ..fileio import write_json
+
+    ids = special_ids(tokenizer)
+    write_json(directory / CONFIG_NAME, model.config.to_hf(bos_id=ids["bos_id"], eos_id=ids["eos_id"],
+                                                           pad_id=ids["pad_id"], torch_dtype="float32"))
+    if tokenizer is not None:
+        tokenizer.save(directory)
 
 
 # ---- finding and reading checkpoints ----------------------------------------------------
@@ -264,13 +331,15 @@ class _Unreadable(Exception):
     """A checkpoint file that parses but does not hold what a checkpoint must."""
 
 
-def restore_latest(ckpt_root: Path, model, optimizer, batches, device, grad_accum: int
-                   ) -> tuple[Path, dict] | None:
+def restore_latest(ckpt_root: Path, model, optimizer, batches, device, grad_accum: int, *, ranks=None,
+                   trainable_only: bool = False) -> tuple[Path, dict] | None:
     """Load the newest checkpoint that reads back completely into model, optimizer, data iterator and RNGs.
 
     A damaged checkpoint (state.json, optimizer, RNG or weight file unreadable: a disk error, a copy
     cut short) is reported and skipped for the next older one. Returns (path, state.json dict), or
     None when there is no checkpoint at all.
+    Any checkpoint loads into any layout (`ranks`): a sharded one (dcp/) is resharded, a
+    single-process one split into this run's shards.
 
     Raises:
         LmsmithError: when checkpoints exist but none is readable, or one does not fit the model.
@@ -281,8 +350,7 @@ def restore_latest(ckpt_root: Path, model, optimizer, batches, device, grad_accu
     for i, (_, path) in enumerate(reversed(found)):
         try:
             state, opt_tensors, rng_tensors = load_train_state(path)
-            load_model_weights(model, path)
-            optimizer_from_files(optimizer, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
+            _load_weights_and_optimizer(path, state, opt_tensors, model, optimizer, device, ranks, trainable_only)
         except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError, RuntimeError,
                 _Unreadable) as e:
             older = found[-2 - i][1] if i + 1 < len(found) else None
@@ -303,6 +371,27 @@ def restore_latest(ckpt_root: Path, model, optimizer, batches, device, grad_accu
     return None
 
 
+def _load_weights_and_optimizer(path: Path, state: dict, opt_tensors: dict, model, optimizer, device, ranks,
+                                trainable_only: bool) -> None:
+    """Any checkpoint into this run's model and optimizer, whatever layout either was written with:
+    a sharded one (dcp/) is resharded, a single-process one is split into this run's shards."""
+    from ..distributed.dcp import is_dcp_checkpoint, load_full, load_sharded
+
+    if is_dcp_checkpoint(path):
+        load_sharded(path, model, optimizer, trainable_only)
+    elif ranks is not None and ranks.shards_weights:
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        files = [path / TRAINABLE_FILE] if (path / TRAINABLE_FILE).exists() else sorted(path.glob("*.safetensors"))
+        weights = {}
+        for f in files:
+            weights.update(load_file(str(f)))
+        load_full(model, optimizer, weights, opt_tensors, state["optimizer"], order, trainable_only)
+    else:
+        load_model_weights(model, path)
+        optimizer_from_files(optimizer, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
+
+
 def load_train_state(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(state.json dict, optimizer tensors, rng tensors) of a checkpoint folder."""
     ts = Path(path) / "train_state"
@@ -310,4 +399,6 @@ def load_train_state(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[st
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
             not isinstance(state.get("metrics"), list) or "optimizer" not in state or "rng" not in state:
         raise _Unreadable(f"{ts / 'state.json'} lacks step, metrics, optimizer or rng")
-    return state, load_file(str(ts / "optimizer.safetensors")), load_file(str(ts / "rng.safetensors"))
+    opt = ts / "optimizer.safetensors"
+    opt_tensors = load_file(str(opt)) if state.get("format", 1) < 2 else {}  # format 2: optimizer in dcp/
+    return state, opt_tensors, load_file(str(ts / "rng.safetensors"))
