@@ -139,11 +139,10 @@ def init_ranks(layout: Layout, device: str | None = None, timeout_s: float = 180
     is not the world size, or context parallelism without CUDA, is a one-line error on every rank.
     """
     if not launched_by_torchrun():
-        resolved = layout.resolve(1)
-        if resolved.size != 1:
-            raise LmsmithError(f"{resolved.describe()} needs several processes: launch with "
-                               f"torchrun --nproc_per_node N -m lmsmith ...")
-        return Ranks(resolved)
+        if layout.size != 1:
+            raise LmsmithError(f"{layout.describe()} needs several processes ({layout.size}): launch with "
+                               f"torchrun --nproc_per_node {layout.size} -m lmsmith ...")
+        return Ranks(layout.resolve(1))
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..precision import describe_policy
 from ..train.budget import format_duration
 from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, save_options, train_fields
+from .parallel import add_parallel_arguments, on_ranks, start_ranks
 
 HELP = "pretrain a model on raw text (default: the built-in Python corpus, at most 10 min)"
 DESCRIPTION = """Pretrain a decoder-only model by next-token prediction on raw text.
@@ -100,6 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-prompt", help=f"prompt of the samples (default: {DEFAULTS['sample_prompt']!r})")
     add_train_flags(p.add_argument_group("optimisation (the training loop's TrainConfig)"), DEFAULTS,
                     _SKIP_TRAIN_FIELDS)
+    add_parallel_arguments(p)
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
@@ -123,6 +125,11 @@ def resolve_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    with on_ranks(start_ranks(args)) as ranks:
+        return _run(args, ranks)
+
+
+def _run(args: argparse.Namespace, ranks) -> int:
     from ..config import preset
     from ..data import MixtureBatches, TokenShards, parse_source, prepare, resolve_sources, sequential_batches
     from ..train import TrainConfig, causal_lm_objective, sample_text, train
@@ -135,29 +142,26 @@ def run(args: argparse.Namespace) -> int:
     # The corpus (None: --data shards), checked before anything is deleted: every source exists, names unique.
     corpus = None if opts["data"] else resolve_sources(sources)
     # --overwrite also remakes the tokenizer and shards: the corpus or vocabulary may have changed.
-    prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]), made=("tokenizer", "data"),
-                       inputs={"--init-from": opts["init_from"], "--tokenizer": opts["tokenizer"],
-                               "--data": opts["data"], **{f"--source {s.name}": s.path for s in sources or ()}})
-
-    # The resolved options are recorded before any artifact: a run killed while it prepares its data
-    # resumes as the same job.
     tokens_per_step = opts["batch_size"] * opts["seq_len"] * opts["grad_accum"]
     max_steps = _max_steps(opts, tokens_per_step)
-    absolute_sources = [f"{s.name}={os.path.abspath(s.path)}:{s.weight!r}" for s in sources or ()]
-    save_options(out, {**opts, "max_steps": opts["max_steps"] if opts["time"] else max_steps,
-                       "source": absolute_sources or opts["source"]},
-                 path_keys=("data", "tokenizer", "init_from"))
-
-    # ---- tokenizer and data --------------------------------------------------------------------
-    tokenizer = _tokenizer(opts, out, corpus)
-    if opts["data"]:
-        shards = TokenShards(opts["data"])
-        shards.check_tokenizer(tokenizer)
-    else:
-        shards = _shards(out / "data", tokenizer, corpus, prepare, TokenShards, bool(opts["resume"]))
+    if ranks.main:  # rank 0 prepares the folder, tokenizer and shards; the others then read them
+        prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]), made=("tokenizer", "data"),
+                           inputs={"--init-from": opts["init_from"], "--tokenizer": opts["tokenizer"],
+                                   "--data": opts["data"], **{f"--source {s.name}": s.path for s in sources or ()}})
+        # The resolved options are recorded before any artifact: a run killed while it prepares its data
+        # resumes as the same job.
+        absolute_sources = [f"{s.name}={os.path.abspath(s.path)}:{s.weight!r}" for s in sources or ()]
+        save_options(out, {**opts, "max_steps": opts["max_steps"] if opts["time"] else max_steps,
+                           "source": absolute_sources or opts["source"]},
+                     path_keys=("data", "tokenizer", "init_from"))
+        tokenizer, shards = _tokenizer_and_shards(opts, out, corpus, prepare, TokenShards)
+    ranks.barrier()
+    if not ranks.main:
+        tokenizer, shards = _tokenizer_and_shards(opts, out, corpus, prepare, TokenShards)
 
     # ---- model ------------------------------------------------------------------------------------
-    model, cfg_desc = _model(opts, tokenizer, preset)
+    model, cfg_desc = _model(opts, tokenizer, preset)  # every rank builds the same weights (same seed)
+    ranks.layout.check_model(model.config)
 
     # ---- budget and loop ---------------------------------------------------------------------------
     # Warmup is at most a tenth of the run; with a time budget the loop applies that once it has fitted
@@ -189,13 +193,16 @@ def run(args: argparse.Namespace) -> int:
                   "whichever ends first")
     else:
         length = f"{max_steps:,} steps x {tokens_per_step:,} tokens = {max_steps * tokens_per_step:,} tokens"
-    print(f"lmsmith pretrain: {cfg_desc}; {length}; {describe_policy(config.dtype)}; run folder {out}")
+    where_run = f"; {ranks.world} processes ({ranks.layout.describe()})" if ranks.distributed else ""
+    print(f"lmsmith pretrain: {cfg_desc}; {length}; {describe_policy(config.dtype)}; run folder {out}{where_run}")
     result = train(model, batches, causal_lm_objective, config, out_dir=out, tokenizer=tokenizer,
-                   eval_batches=eval_batches if has_val else None, resume=bool(opts["resume"]))
+                   eval_batches=eval_batches if has_val else None, resume=bool(opts["resume"]), ranks=ranks)
 
     # ---- summary ------------------------------------------------------------------------------------
-    sample = sample_text(model, tokenizer, opts["sample_prompt"], max_new_tokens=64, temperature=0.8, seed=0)
-    baseline = _unigram_baseline(shards) if has_val else None
+    # Every rank samples (FSDP gathers the weights in each forward); tensor-parallel runs skip it.
+    sample = (None if ranks.layout.tp > 1 else
+              sample_text(model, tokenizer, opts["sample_prompt"], max_new_tokens=64, temperature=0.8, seed=0))
+    baseline = _unigram_baseline(shards) if has_val and ranks.main else None
     resumed = f", {result.steps_run:,} of them in this session" if result.steps_run != result.steps else ""
     fitted = (f" (the {format_duration(opts['time'])} budget's step count)" if result.time_budget else "")
     lines = [f"Trained {cfg_desc} for {result.steps:,} steps{fitted} ({result.tokens:,} tokens{resumed}) in "
@@ -210,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
                  f"Metrics: {out / 'metrics.jsonl'}.")
     lines.append(f"Next: `lmsmith eval {where} --data FILE`, `lmsmith generate {where} --prompt TEXT`.")
     print("\n" + " ".join(lines))
-    print(f"\nSample (temperature 0.8):\n{sample}")
+    if sample is not None:
+        print(f"\nSample (temperature 0.8):\n{sample}")
     return 130 if result.interrupted else 0
 
 
@@ -247,6 +255,17 @@ def _check_inputs(opts: dict) -> None:
             raise LmsmithError(f"--seq-len {opts['seq_len']} is longer than the context of {opts['init_from']} "
                                f"({context}, max_position_embeddings in its config.json); use --seq-len "
                                f"{context} or less")
+
+
+def _tokenizer_and_shards(opts: dict, out: Path, corpus, prepare, TokenShards):
+    """The run's tokenizer and token shards: made by the first rank to get here, reused afterwards."""
+    tokenizer = _tokenizer(opts, out, corpus)
+    if opts["data"]:
+        shards = TokenShards(opts["data"])
+        shards.check_tokenizer(tokenizer)
+    else:
+        shards = _shards(out / "data", tokenizer, corpus, prepare, TokenShards, bool(opts["resume"]))
+    return tokenizer, shards
 
 
 def _tokenizer(opts: dict, out: Path, corpus):

@@ -384,8 +384,13 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     st.seed_everything(cfg.seed)
     # The layout's parallelisms (and checkpointing / compile) before the optimizer sees the parameters.
     half = autocast_dtype(cfg.dtype, device)
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable_names = [names.get(id(p)) for p in trainable_params] if trainable_params is not None else None
     parallelize(model, ranks, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                 param_dtype=half if half == torch.bfloat16 else None)
+    if trainable_names is not None:  # FSDP / TP replaced the parameters: the same names, new tensors
+        named = dict(model.named_parameters())
+        trainable_params = [named[n] if n is not None else p for n, p in zip(trainable_names, trainable_params)]
 
     groups = param_groups(model, cfg.weight_decay, trainable_params)
     params = [p for g in groups for p in g["params"]]

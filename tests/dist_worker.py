@@ -1,0 +1,64 @@
+"""One training run of the tiny model, alone or as one rank of a torchrun job (tests/test_distributed.py).
+
+    python tests/dist_worker.py OUT [key=value ...]          one process
+    torchrun --nproc_per_node 2 tests/dist_worker.py OUT dp_shard=2 [save=5] [resume=1] [lora=1]
+
+Prints the losses of the steps it ran as one JSON line on rank 0. Every rank draws the same global
+batch k from (seed, k), so any layout should reproduce the one-process losses.
+"""
+
+import json
+import sys
+
+import torch
+
+from lmsmith.adapters.lora import LoraConfig, apply_lora
+from lmsmith.config import preset
+from lmsmith.distributed import Layout
+from lmsmith.distributed.ranks import close_ranks, init_ranks
+from lmsmith.model import build_model
+from lmsmith.train import TrainConfig, causal_lm_objective, train
+
+LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp")
+
+
+class Batches:
+    """Global batch k: 4 random sequences of 32 tokens, from (k) only; resumable."""
+
+    def __init__(self):
+        self.k = 0
+
+    def __next__(self):
+        g = torch.Generator().manual_seed(self.k)
+        self.k += 1
+        ids = torch.randint(0, 512, (4, 33), generator=g)
+        return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    def state_dict(self):
+        return {"k": self.k}
+
+    def load_state_dict(self, state):
+        self.k = state["k"]
+
+
+def main(out: str, opts: dict[str, int]) -> None:
+    torch.set_num_threads(1)
+    layout = Layout(**{k: opts[k] for k in LAYOUT_KEYS if k in opts}, **({} if "dp_shard" in opts else
+                                                                       {"dp_shard": -1}))
+    ranks = init_ranks(layout)
+    try:
+        model = build_model(preset("tiny", vocab_size=512), seed=0)
+        torch.manual_seed(0)  # the adapters' random init: the same on every rank and in the reference
+        params = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear")) if opts.get("lora") else None
+        config = TrainConfig(max_steps=10, warmup_steps=2, lr=3e-3, dtype="fp32", save_every=opts.get("save", 0),
+                             progress=False, peak_flops=1e12, log_every=1)
+        result = train(model, Batches(), causal_lm_objective, config, out_dir=out, ranks=ranks,
+                       resume=bool(opts.get("resume")), trainable_params=params)
+        if ranks.main:
+            print(json.dumps(result.losses))
+    finally:
+        close_ranks(ranks)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], {k: int(v) for k, v in (a.split("=") for a in sys.argv[2:])})

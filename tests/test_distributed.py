@@ -1,0 +1,152 @@
+"""Distributed training under torchrun (gloo, CPU): every layout gives the one-process losses.
+
+Each launch starts 2 (or 4) processes of the tiny model for 10 steps; the reference is the same run in
+one process. Checkpoints move between world sizes and layouts; the final folder loads in transformers.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmsmith.cli import main
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = WORKER.parent.parent
+
+
+def _launch(nproc: int, *args: str, module: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += ["-m", "lmsmith", *args] if module else [str(WORKER), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(proc: subprocess.CompletedProcess) -> dict[int, float]:
+    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
+    return {int(k): v for k, v in json.loads(line).items()}
+
+
+def _alone(out: Path, *args: str) -> dict[int, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _losses(proc)
+
+
+def _close(a: dict[int, float], b: dict[int, float], tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) <= tol * max(1.0, abs(a[step])), (step, a[step], b[step])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, 10 steps, a checkpoint at step 5: (losses, run folder)."""
+    out = tmp_path_factory.mktemp("alone") / "run"
+    return _alone(out, "save=5"), out
+
+
+@pytest.mark.parametrize("nproc,layout", [(2, ["dp_shard=2"]), (2, ["dp_replicate=2", "dp_shard=1"]),
+                                          (2, ["tp=2", "dp_shard=1"]), (4, ["tp=2", "dp_shard=2"])],
+                         ids=["fsdp", "ddp", "tp-sp", "fsdp-x-tp"])
+def test_every_layout_gives_the_single_process_losses(reference, tmp_path, nproc, layout):
+    losses, _ = reference
+    _close(_losses(_launch(nproc, str(tmp_path / "run"), *layout)), losses)
+
+
+def test_sharded_checkpoint_resumes_on_one_process_and_final_loads_in_transformers(reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import lmsmith
+
+    losses, alone = reference
+    run = tmp_path / "run"
+    _close(_losses(_launch(2, str(run), "dp_shard=2", "save=5")), losses)
+    assert (run / "checkpoints" / "step-0000005" / "dcp" / ".metadata").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(run / "final")  # gathered from the shards by rank 0
+    ours, _ = lmsmith.load(alone / "final")
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        # fp32 reductions in another order: the weights agree to ~1e-6, the logits to ~1e-5
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+    shutil.rmtree(run / "checkpoints" / "step-0000010")
+    resumed = _alone(run, "resume=1")  # 2 ranks -> 1
+    _close(resumed, {k: v for k, v in losses.items() if k > 5})
+
+
+def test_single_process_checkpoint_resumes_sharded_on_two(reference, tmp_path):
+    losses, alone = reference
+    run = tmp_path / "run"
+    shutil.copytree(alone, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000010")
+    shutil.rmtree(run / "final")
+    _close(_losses(_launch(2, str(run), "dp_shard=2", "resume=1")), {k: v for k, v in losses.items() if k > 5})
+
+
+def test_lora_under_fsdp(tmp_path):
+    _close(_losses(_launch(2, str(tmp_path / "run"), "dp_shard=2", "lora=1", "save=5")),
+           _alone(tmp_path / "alone", "lora=1"))
+
+
+def test_pretrain_cli_under_torchrun_equals_one_process(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    import json as json_module
+
+    for f in Path(json_module.__file__).parent.glob("*.py"):
+        shutil.copy(f, src / f.name)
+    args = ["pretrain", "--source", f"code={src}", "--vocab-size", "300", "--preset", "tiny", "--max-steps", "6",
+            "--batch-size", "4", "--seq-len", "64", "--log-every", "1", "--eval-every", "3", "--eval-batches", "2",
+            "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "alone")]) == 0
+    proc = _launch(2, *args, "--out", str(tmp_path / "two"), "--dp-shard", "2", module=True)
+    assert proc.stdout.count("Trained tiny") == 1  # the summary comes from rank 0 only
+
+    def rows(run):
+        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r or "val_loss" in r]
+
+    a, b = rows(tmp_path / "alone"), rows(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        key = "loss" if "loss" in x else "val_loss"
+        assert abs(x[key] - y[key]) < 1e-5, (x, y)
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dp-shard", "2"], "needs several processes"),
+    (["--tp", "3"], "needs several processes"),
+    (["--cp", "2"], "context parallelism needs CUDA"),
+    (["--pp", "2"], "pipeline parallelism is not built yet"),
+])
+def test_layout_errors_are_one_line(tmp_path, capsys, flags, message):
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--max-steps", "2", *flags]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_layout_product_and_heads():
+    from lmsmith.config import preset
+    from lmsmith.distributed import Layout
+    from lmsmith.errors import LmsmithError
+
+    assert Layout(tp=2).resolve(8).dp_shard == 4
+    with pytest.raises(LmsmithError, match="= 8 processes, but torchrun started 4"):
+        Layout(dp_replicate=2, dp_shard=2, tp=2).resolve(4)
+    with pytest.raises(LmsmithError, match="does not divide the world size 6"):
+        Layout(tp=4).resolve(6)
+    cfg = preset("tiny")
+    with pytest.raises(LmsmithError, match=f"--tp 4: the model.s {cfg.n_heads} attention heads do not divide"):
+        Layout(tp=4, dp_shard=1).check_model(cfg)
+    with pytest.raises(LmsmithError, match=f"--tp 3: the model.s {cfg.n_kv_heads} key/value heads"):
+        Layout(tp=3, dp_shard=1).check_model(cfg)
