@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "data": ("data", "prepare token shards from text corpora; make synthetic instruction tasks"),
     "init": ("init", "create a randomly initialised model directory from a preset"),
     "info": ("info", "architecture, parameter counts and memory needs of a model or preset"),
+    "plan": ("plan", "memory per GPU and the parallel layouts that fit a training job"),
     "pretrain": ("pretrain", "pretrain a model on raw text (default: the built-in corpus, at most 10 min on CPU)"),
     "eval": ("eval", "perplexity and bits per byte on held-out text; exact-match accuracy on tasks"),
     "generate": ("generate", "generate text with any decoding strategy, streaming; --compare strategies"),

@@ -150,3 +150,45 @@ def test_layout_product_and_heads():
         Layout(tp=4, dp_shard=1).check_model(cfg)
     with pytest.raises(LmsmithError, match=f"--tp 3: the model.s {cfg.n_kv_heads} key/value heads"):
         Layout(tp=3, dp_shard=1).check_model(cfg)
+
+
+def test_finetune_lora_under_fsdp_equals_one_process(tmp_path):
+    """`torchrun -m lmsmith finetune --method lora --dp-shard 2`: the one-process losses and adapter."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from lmsmith.checkpoint import save
+    from lmsmith.config import ModelConfig
+    from lmsmith.model import build_model
+    from lmsmith.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    words = ["cat", "dog", "sun", "owl", "tree", "wolf", "moon", "fish"]
+    rows = []
+    for _ in range(64):
+        q = " ".join(rng.sample(words, 3))
+        rows.append({"instruction": f"Reverse the words: {q}", "solution": " ".join(reversed(q.split()))})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = Tokenizer.train([r["instruction"] + "\n" + r["solution"] for r in rows] * 3, vocab_size=300,
+                          show_progress=False)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192,
+                      max_seq_len=64, tie_embeddings=True)
+    save(build_model(cfg, seed=0), tok, tmp_path / "model")
+    args = ["finetune", str(tmp_path / "model"), "--data", str(data), "--method", "lora", "--lora-r", "4",
+            "--max-steps", "6", "--batch-size", "8", "--log-every", "1", "--val-fraction", "0", "--dtype", "fp32",
+            "--no-progress", "--seq-len", "64", "--peak-flops", "1e12", "--lr", "3e-3", "--warmup-steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "alone")]) == 0
+    _launch(2, *args, "--out", str(tmp_path / "two"), "--dp-shard", "2", module=True)
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    a, b = losses(tmp_path / "alone"), losses(tmp_path / "two")
+    assert len(a) == 6 and all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
+    wa = load_file(tmp_path / "alone" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")  # gathered from the shards
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)

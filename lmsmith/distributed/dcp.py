@@ -100,3 +100,20 @@ def plain_copy(model, state: dict[str, torch.Tensor]):
     plain.tie_weights()
     plain.reset_buffers()
     return plain
+
+
+def gathered_lora(model, ranks: Ranks, lora_cfg):
+    """A plain CPU copy of a sharded LoRA model on rank 0 (None elsewhere), to save the adapter and merge."""
+    from ..adapters.lora import apply_lora
+
+    full = full_state_dict(model, ranks)
+    if not ranks.main:
+        return None
+    from ..model import build_model
+
+    plain = build_model(model.config, init=False)
+    apply_lora(plain, lora_cfg)  # the same modules, still on the meta device, then the gathered tensors
+    plain.load_state_dict(full, strict=False, assign=True)
+    plain.tie_weights()
+    plain.reset_buffers()
+    return plain

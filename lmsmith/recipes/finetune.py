@@ -159,6 +159,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ref-data", metavar="FILE", help="reference text: perplexity before and after (forgetting)")
     add_train_flags(p.add_argument_group("optimisation (the training loop's TrainConfig)"), DEFAULTS,
                     _SKIP_TRAIN_FIELDS, docs={"lr": "default: per method"})
+    from .parallel import add_parallel_arguments
+
+    add_parallel_arguments(p)
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
@@ -201,6 +204,13 @@ def resolve_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .parallel import on_ranks, start_ranks
+
+    with on_ranks(start_ranks(args)) as ranks:
+        return _run(args, ranks)
+
+
+def _run(args: argparse.Namespace, ranks) -> int:
     from ..data.instruct import InstructBatches, encode_preference, encode_sft, pack, pad_id_of, read_examples
     from ..data.synth import heldout_warning
     from ..errors import LmsmithError
@@ -226,9 +236,14 @@ def run(args: argparse.Namespace) -> int:
     examples, val_examples = _validation_split(opts, examples)
     ref_texts = _ref_texts(opts["ref_data"]) if opts["ref_data"] else None
 
-    prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]),
-                       inputs={"MODEL": opts["model"], "--adapter": opts["adapter"], "--data": opts["data"],
-                               "--eval-data": opts["eval_data"]})
+    if ranks.main:
+        prepare_run_folder(out, bool(opts["resume"]), bool(opts["overwrite"]),
+                           inputs={"MODEL": opts["model"], "--adapter": opts["adapter"], "--data": opts["data"],
+                                   "--eval-data": opts["eval_data"]})
+    ranks.barrier()
+    if ranks.distributed and opts["method"] in ("prompt", "prefix") and ranks.shards_weights:
+        raise LmsmithError(f"--method {opts['method']} under FSDP / TP is not built yet: its few parameters train "
+                           "well on one process, or under DDP (--dp-replicate N --dp-shard 1)")
 
     # ---- model ------------------------------------------------------------------------------------
     base, tokenizer = load(opts["model"])
@@ -239,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         base.float()  # fp32 master weights: AdamW on bf16 weights rounds small updates away
     # LoRA / prompt tuning keep the frozen base in its own dtype (the memory saving); adapters are fp32.
     seq_len = min(int(opts["seq_len"]), base.config.max_seq_len)
+    ranks.layout.check_model(base.config)
 
     # ---- encode -------------------------------------------------------------------------------------
     room = seq_len - (opts["virtual_tokens"] if opts["method"] in ("prompt", "prefix") else 0)
@@ -281,6 +297,10 @@ def run(args: argparse.Namespace) -> int:
 
     # ---- before ----------------------------------------------------------------------------------------
     max_new = int(opts["eval_max_new_tokens"])
+    if ranks.layout.tp > 1 and (eval_examples or ref_texts):
+        print("note: --eval-tasks / --ref-data are skipped under tensor parallelism (the KV cache holds every "
+              "head); evaluate the result with `lmsmith eval` afterwards")
+        eval_examples = ref_texts = None
     acc_before = _accuracy(model, tokenizer, eval_examples, max_new) if eval_examples else None
     ppl_before = _ppl(model, tokenizer, ref_texts, seq_len) if ref_texts else None
     if acc_before:
@@ -296,15 +316,17 @@ def run(args: argparse.Namespace) -> int:
     train_opts.update(max_steps=max_steps, warmup_steps=warmup, time_budget=opts["time"],
                       eval_batches=10**9)  # every validation example (at most _MAX_HELD_OUT of --data)
     config = TrainConfig(**train_opts)
-    save_options(out, {**opts, "max_steps": max_steps},
-                 path_keys=("model", "data", "adapter", "eval_tasks", "ref_data", "eval_data"))
+    if ranks.main:
+        save_options(out, {**opts, "max_steps": max_steps},
+                     path_keys=("model", "data", "adapter", "eval_tasks", "ref_data", "eval_data"))
     print(f"lmsmith finetune: {opts['method']} {opts['objective']} of {opts['model']}; {method_desc}; "
           f"{max_steps:,} steps x {opts['batch_size']} x {opts['grad_accum']}; run folder {out}")
     result = train(model, batches, objective, config, out_dir=out, tokenizer=tokenizer, eval_batches=eval_batches,
-                   resume=bool(opts["resume"]), trainable_params=trainable)
+                   resume=bool(opts["resume"]), trainable_params=trainable, ranks=ranks)
 
     # ---- save ------------------------------------------------------------------------------------------------
-    written = _save_outputs(opts, out, model, tokenizer, lora_cfg, result)
+    written = _save_on_main(ranks, lambda m: _save_outputs(opts, out, m, tokenizer, lora_cfg, result), model,
+                            opts["method"], lora_cfg)
 
     # ---- after and summary ---------------------------------------------------------------------------------------
     acc_after = _accuracy(model, tokenizer, eval_examples, max_new) if eval_examples else None
@@ -466,6 +488,19 @@ def _save_outputs(opts: dict, out: Path, model, tokenizer, lora_cfg, result) -> 
         save_prompt_tuning(model, adapter, base_model_name_or_path=str(opts["model"]))
         tokenizer.save(adapter)
     return written
+
+
+def _save_on_main(ranks, save, model, method: str, lora_cfg):
+    """Run `save(model)` on rank 0 with the adapters' full tensors (FSDP / TP gather them first)."""
+    if not ranks.shards_weights or method == "full":  # the loop wrote final/ already (gathered)
+        written = save(model) if ranks.main else []
+    else:
+        from ..distributed.dcp import gathered_lora
+
+        plain = gathered_lora(model, ranks, lora_cfg)  # every rank takes part; rank 0 gets a plain model
+        written = save(plain) if ranks.main else []
+    ranks.barrier()
+    return [Path(w) for w in ranks.broadcast([str(w) for w in written])]
 
 
 def _next_commands(opts: dict, written: list[Path]) -> str:
