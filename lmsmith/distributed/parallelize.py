@@ -93,7 +93,12 @@ def apply_fsdp(model, dp_mesh, param_dtype: torch.dtype | None = None) -> None:
     With `param_dtype` (bf16 where the hardware has it) the all-gathered weights are cast for the
     compute while the sharded masters and the gradient reductions stay fp32.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from ..errors import LmsmithError
+
+        raise LmsmithError(f"--dp-shard needs FSDP2 (torch >= 2.6); this is torch {torch.__version__}") from None
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = list(model.model.layers)
