@@ -1,7 +1,7 @@
 """One training run of the tiny model, alone or as one rank of a torchrun job (tests/test_distributed.py).
 
     python tests/dist_worker.py OUT [key=value ...]          one process
-    torchrun --nproc_per_node 2 tests/dist_worker.py OUT dp_shard=2 [save=5] [resume=1] [lora=1]
+    torchrun --nproc_per_node 2 tests/dist_worker.py OUT dp_shard=2 [pp=2 [gpipe=1]] [save=5] [resume=1] [lora=1]
 
 Prints the losses of the steps it ran as one JSON line on rank 0. Every rank draws the same global
 batch k from (seed, k), so any layout should reproduce the one-process losses.
@@ -19,7 +19,7 @@ from lmsmith.distributed.ranks import close_ranks, init_ranks
 from lmsmith.model import build_model
 from lmsmith.train import TrainConfig, causal_lm_objective, train
 
-LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp")
+LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp", "pp")
 
 
 class Batches:
@@ -46,6 +46,7 @@ def main(out: str, opts: dict[str, int]) -> None:
     layout = Layout(**{k: opts[k] for k in LAYOUT_KEYS if k in opts}, **({} if "dp_shard" in opts else
                                                                        {"dp_shard": -1}))
     ranks = init_ranks(layout)
+    ranks.pp_schedule = {0: "1f1b", 1: "gpipe"}[opts.get("gpipe", 0)]
     try:
         model = build_model(preset("tiny", vocab_size=512), seed=0)
         torch.manual_seed(0)  # the adapters' random init: the same on every rank and in the reference

@@ -35,32 +35,66 @@ def _options(trainable_only: bool, full: bool = False):
     return StateDictOptions(ignore_frozen_params=trainable_only, full_state_dict=full, strict=not trainable_only)
 
 
-def save_sharded(directory: Path, model, optimizer, trainable_only: bool) -> None:
+def _renamed(msd: dict, osd: dict, alias: dict[str, str]) -> tuple[dict, dict]:
+    """State dicts with parameter names mapped through `alias` (model keys, optimizer state keys and
+    the names in its param groups)."""
+    if "model.embed_tokens.weight" in msd and "lm_head.weight" in msd and _same(msd["lm_head.weight"],
+                                                                                msd["model.embed_tokens.weight"]):
+        msd = {k: v for k, v in msd.items() if k != "lm_head.weight"}  # a tied head is stored as the embedding
+    if not alias:
+        return msd, osd
+    msd = {alias.get(k, k): v for k, v in msd.items()}
+    osd = {"state": {alias.get(k, k): v for k, v in osd["state"].items()},
+           "param_groups": [{**g, "params": [alias.get(n, n) for n in g["params"]]} for g in osd["param_groups"]]}
+    return msd, osd
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two state-dict entries are one parameter (state_dict() detaches: compare storage)."""
+    a, b = (t.to_local() if hasattr(t, "to_local") else t for t in (a, b))
+    return a.shape == b.shape and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def save_sharded(directory: Path, model, optimizer, trainable_only: bool, alias: dict[str, str] | None = None
+                 ) -> None:
     """Every rank writes its shards of the model's and optimizer's state into `directory/dcp`
-    (with `trainable_only`, just the trained parameters: an adapter run's frozen base is rebuilt)."""
+    (with `trainable_only`, just the trained parameters: an adapter run's frozen base is rebuilt).
+
+    `alias` renames parameters to their canonical names: a pipeline's last-stage copy of a tied head is
+    stored as the embedding it equals, so every layout finds it under one name."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    msd, osd = get_state_dict(model, optimizer, options=_options(trainable_only))
+    msd, osd = _renamed(*get_state_dict(model, optimizer, options=_options(trainable_only)), alias or {})
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(directory) / DCP_DIR))
 
 
-def load_sharded(directory: Path, model, optimizer, trainable_only: bool) -> None:
+def load_sharded(directory: Path, model, optimizer, trainable_only: bool, alias: dict[str, str] | None = None
+                 ) -> None:
     """Read `directory/dcp` into this process's (sharded or plain) model and optimizer, resharding."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     opts = _options(trainable_only)
-    msd, osd = get_state_dict(model, optimizer, options=opts)
-    sd = {"model": msd, "optim": osd}
+    alias = alias or {}
+    full_msd, osd = get_state_dict(model, optimizer, options=opts)
+    msd, osd = _renamed(full_msd, osd, alias)
+    # Only the tensors are read: the param groups (hyperparameters; the loop sets the LR every step)
+    # stay this run's, since each rank of a pipeline wrote its own stage's groups and DCP keeps one.
+    sd = {"model": msd, "optim": {"state": osd["state"]}}
     dcp.load(sd, checkpoint_id=str(Path(directory) / DCP_DIR))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=opts)
+    back = {v: k for k, v in alias.items()}
+    msd, osd = _renamed(sd["model"], {"state": sd["optim"]["state"], "param_groups": osd["param_groups"]}, back)
+    for k in full_msd.keys() - msd.keys():  # the tied head, stored once as the embedding
+        msd[k] = msd["model.embed_tokens.weight"]
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
 
 
 def load_full(model, optimizer, weights: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor],
-              opt_meta: dict, param_names: list[str], trainable_only: bool) -> None:
+              opt_meta: dict, param_names: list[str], trainable_only: bool, keep: set[str] | None = None) -> None:
     """A single-process checkpoint (full tensors; optimizer state keyed by parameter index) into a
-    sharded model: each rank keeps its slices. `param_names[i]` names the optimizer's i-th parameter."""
+    sharded model: each rank keeps its slices. `param_names[i]` names the optimizer's i-th parameter;
+    only names in `keep` (a pipeline stage's) are loaded."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state: dict[str, dict] = {}
@@ -78,7 +112,12 @@ def load_full(model, optimizer, weights: dict[str, torch.Tensor], opt_tensors: d
         start += n
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-        groups.append(g)
+        if keep is not None:
+            g["params"] = [n for n in g["params"] if n in keep]
+        if g["params"]:
+            groups.append(g)
+    if keep is not None:
+        state = {k: v for k, v in state.items() if k in keep}
     set_state_dict(model, optimizer, model_state_dict=weights,
                    optim_state_dict={"state": state, "param_groups": groups},
                    options=_options(trainable_only, full=True))
@@ -116,4 +155,19 @@ def gathered_lora(model, ranks: Ranks, lora_cfg):
     plain.load_state_dict(full, strict=False, assign=True)
     plain.tie_weights()
     plain.reset_buffers()
+    return plain
+
+
+def plain_from_checkpoint(path: Path, config):
+    """A plain CPU Transformer with the weights of a sharded checkpoint, read by this process alone
+    (every stage's shards: a pipeline run's final model, whichever rank wrote which layers)."""
+    import torch.distributed.checkpoint as dcp
+
+    from ..model import build_model
+
+    plain = build_model(config, seed=0)
+    sd = {"model": _renamed(plain.state_dict(), {}, {})[0]}  # a tied head once, as the embedding
+    dcp.load(sd, checkpoint_id=str(Path(path) / DCP_DIR), no_dist=True)
+    plain.load_state_dict(sd["model"], strict=False)
+    plain.tie_weights()
     return plain

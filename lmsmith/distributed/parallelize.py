@@ -117,11 +117,17 @@ def apply_ddp(model, dp_mesh) -> None:
 
 def parallelize(model, ranks: Ranks, *, activation_checkpointing: bool = False, compile: bool = False,
                 param_dtype: torch.dtype | None = None):
-    """Apply the run's layout to `model` in place (TP -> activation checkpointing -> compile -> FSDP/DDP).
+    """Apply the run's layout to `model` in place (PP split -> TP -> activation checkpointing -> compile ->
+    FSDP/DDP -> the pipeline schedule, in `ranks.pipeline`).
 
     Returns the model. A single process gets only activation checkpointing / compile, as before.
     """
     layout = ranks.layout
+    layout.check_model(model.config)
+    if ranks.distributed and layout.pp > 1 and ranks.pipeline is None:
+        from .pipeline import Pipeline
+
+        ranks.pipeline = Pipeline(model, ranks, ranks.pp_schedule, ranks.pp_microbatches)
     if ranks.distributed and layout.tp > 1:
         apply_tp(model, ranks.mesh["tp"])
     if activation_checkpointing:
@@ -132,6 +138,9 @@ def parallelize(model, ranks: Ranks, *, activation_checkpointing: bool = False, 
         if layout.dp_shard > 1:
             mesh = ranks.mesh["dp_shard"] if layout.dp_replicate == 1 else ranks.mesh["dp_replicate", "dp_shard"]
             apply_fsdp(model, mesh, param_dtype)
-        else:
+        elif ranks.pipeline is None:
             apply_ddp(model, ranks.mesh["dp_replicate"])
+        # else: a pipeline all-reduces its replicas' gradients after each schedule step (Pipeline.step)
+    if ranks.pipeline is not None and ranks.pipeline.schedule is None:
+        ranks.pipeline.build()
     return model

@@ -35,6 +35,8 @@ class Ranks:
     def __init__(self, layout: Layout | None = None, mesh=None, device: torch.device | None = None):
         self.layout = layout or Layout(dp_shard=1)
         self.mesh = mesh
+        self.pipeline = None  # this rank's distributed.pipeline.Pipeline when pp > 1 (set by parallelize)
+        self.pp_schedule, self.pp_microbatches = "1f1b", None
         self.device = device or torch.device("cpu")
         if mesh is None:
             self.rank, self.world, self.dp_rank, self.dp_size = 0, 1, 0, 1
@@ -59,7 +61,7 @@ class Ranks:
     @property
     def shards_weights(self) -> bool:
         """Whether parameters are DTensors (FSDP or TP): saving and loading then go through DCP."""
-        return self.distributed and (self.layout.dp_shard > 1 or self.layout.tp > 1)
+        return self.distributed and (self.layout.dp_shard > 1 or self.layout.tp > 1 or self.layout.pp > 1)
 
     def shard_batch(self, batch: dict) -> dict:
         """This rank's rows of a global batch: rows [dp_rank * b, (dp_rank + 1) * b) of every tensor.

@@ -26,7 +26,13 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, metavar="T",
                    help="tensor parallelism over T ranks, with sequence parallelism on the norms (T divides the "
                         "attention and key/value head counts)")
-    g.add_argument("--pp", type=int, default=1, metavar="P", help="pipeline stages (not built yet: 1)")
+    g.add_argument("--pp", type=int, default=1, metavar="P",
+                   help="pipeline parallelism: P stages of consecutive blocks (the embedding on the first, the head "
+                        "on the last)")
+    g.add_argument("--pp-schedule", default="1f1b", choices=("1f1b", "gpipe"),
+                   help="pipeline schedule (default 1f1b: one forward, one backward, less activation memory)")
+    g.add_argument("--pp-microbatches", type=int, default=None, metavar="M",
+                   help="pipeline micro-batches per step, cut from each rank's rows (default: P)")
     g.add_argument("--cp", type=int, default=1, metavar="C", help="context parallelism (CUDA only; not built yet: 1)")
 
 
@@ -39,13 +45,11 @@ def start_ranks(args: argparse.Namespace, device: str | None = None):
     from ..distributed.ranks import init_ranks
     from ..errors import LmsmithError
 
-    if args.pp != 1:
-        raise LmsmithError(f"--pp {args.pp}: pipeline parallelism is not built yet; use --pp 1 "
-                           "(--dp-shard / --dp-replicate / --tp work)")
     if args.cp != 1:
         raise LmsmithError(f"--cp {args.cp}: context parallelism needs CUDA and is not built yet; use --cp 1")
     layout = Layout(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, tp=args.tp, pp=args.pp, cp=args.cp)
     ranks = init_ranks(layout, device)
+    ranks.pp_schedule, ranks.pp_microbatches = args.pp_schedule, args.pp_microbatches
     if not ranks.main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
     return ranks

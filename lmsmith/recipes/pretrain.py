@@ -199,8 +199,8 @@ def _run(args: argparse.Namespace, ranks) -> int:
                    eval_batches=eval_batches if has_val else None, resume=bool(opts["resume"]), ranks=ranks)
 
     # ---- summary ------------------------------------------------------------------------------------
-    # Every rank samples (FSDP gathers the weights in each forward); tensor-parallel runs skip it.
-    sample = (None if ranks.layout.tp > 1 else
+    # Every rank samples (FSDP gathers the weights in each forward); tensor- and pipeline-parallel runs skip it.
+    sample = (None if ranks.layout.tp > 1 or ranks.layout.pp > 1 else
               sample_text(model, tokenizer, opts["sample_prompt"], max_new_tokens=64, temperature=0.8, seed=0))
     baseline = _unigram_baseline(shards) if has_val and ranks.main else None
     resumed = f", {result.steps_run:,} of them in this session" if result.steps_run != result.steps else ""

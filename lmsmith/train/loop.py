@@ -33,6 +33,7 @@ import torch
 from ..distributed.parallelize import parallelize
 from ..distributed.ranks import Ranks
 from ..errors import LmsmithError
+from ..loss import IGNORE_INDEX
 from ..precision import POLICIES, autocast, autocast_dtype
 from . import state as st
 from .budget import StepBudget, format_duration
@@ -262,7 +263,14 @@ def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_
             for i, batch in enumerate(eval_batches()):
                 if i >= n_batches:
                     break
-                loss_sum, metrics, n = objective(model, _to_device(ranks.shard_batch(batch), device))
+                local = _to_device(ranks.shard_batch(batch), device)
+                if ranks.pipeline is not None:  # a forward-only pass of the schedule; losses on the last stage
+                    loss_sum, metrics = ranks.pipeline.evaluate(local), {}
+                    n = int((local["labels"] != IGNORE_INDEX).sum())
+                    if not ranks.pipeline.last:
+                        n = 0  # counted once, where the loss is
+                else:
+                    loss_sum, metrics, n = objective(model, local)
                 total += float(loss_sum)
                 count += n
                 batches += 1
@@ -271,7 +279,9 @@ def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_
     finally:
         model.train(was_training)
     keys = sorted(sums)
-    total, count, *summed = ranks.sum([total, count, *(sums[k] for k in keys)])
+    # A pipeline's losses (and their counts) are on its last stages only: add them over every rank.
+    total, count, *summed = ranks.sum([total, count, *(sums[k] for k in keys)],
+                                      over="world" if ranks.pipeline is not None else "dp")
     sums = {k: v / ranks.dp_size for k, v in zip(keys, summed)}
     if count == 0:
         raise LmsmithError("evaluation data produced no target tokens; check the validation split")
@@ -295,6 +305,13 @@ def accumulate_gradients(model, micro_batches, objective, *, params=None, policy
     ranks = ranks or Ranks()
     params = [p for p in model.parameters() if p.requires_grad] if params is None else params
     loss_total, n_total, metrics_sum = 0.0, 0, {}
+    if ranks.pipeline is not None:  # the schedule runs every micro-batch's forward and backward itself
+        with autocast(policy, device):
+            loss_total = ranks.pipeline.step(micro_batches)  # 0 off the last stage
+        n_total = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        # Only last stages hold losses, one per data-parallel slice and tensor-parallel rank.
+        loss_total = ranks.sum([loss_total], over="world")[0] / (ranks.layout.tp * ranks.layout.cp)
+        micro_batches = []
     for batch in micro_batches:
         with autocast(policy, device):
             loss_sum, metrics, n = objective(model, batch)
@@ -304,7 +321,10 @@ def accumulate_gradients(model, micro_batches, objective, *, params=None, policy
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / len(micro_batches)
     keys = sorted(metrics_sum)
-    loss_total, n_total, *summed = ranks.sum([loss_total, n_total, *(metrics_sum[k] for k in keys)])
+    if ranks.pipeline is not None:
+        n_total, summed = ranks.sum([n_total])[0], []
+    else:
+        loss_total, n_total, *summed = ranks.sum([loss_total, n_total, *(metrics_sum[k] for k in keys)])
     metrics_sum = {k: v / ranks.dp_size for k, v in zip(keys, summed)}
     n_total = int(n_total)
     if n_total == 0:
@@ -318,9 +338,22 @@ def accumulate_gradients(model, micro_batches, objective, *, params=None, policy
     return loss_total / n_total, n_total, metrics_sum
 
 
-def _global_norm(norm) -> float:
-    """clip_grad_norm_'s total as a float: a DTensor (FSDP / TP gradients) holds it replicated."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+def _clip_gradients(params, max_norm: float, ranks: Ranks) -> float:
+    """Clip to `max_norm` by the norm of ALL gradients (every pipeline stage's) and return that norm.
+
+    A DTensor total (FSDP / TP gradients) is made whole first; pipeline stages add their squares."""
+    grads = [p.grad for p in params if p.grad is not None]
+    twin = ranks.pipeline.duplicate if ranks.pipeline is not None else None
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None and p is not twin],
+                                         foreach=True)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if ranks.pipeline is not None:
+        squares = ranks.sum([float(norm) ** 2], over="world")[0] / (ranks.dp_size * ranks.layout.tp * ranks.layout.cp)
+        norm = torch.tensor(math.sqrt(squares))
+    coef = max_norm / (float(norm) + 1e-6)  # as clip_grad_norm_ does, as a float (DTensor gradients take it)
+    if coef < 1.0 and grads:
+        torch._foreach_mul_(grads, coef)
+    return float(norm)
 
 
 @dataclass
@@ -453,7 +486,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         if fn is None and tokenizer is not None:
             def fn(m):
                 return sample_text(m, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
-        if fn is None or ranks.layout.tp > 1:  # the KV cache holds every head: no samples under TP
+        if fn is None or ranks.layout.tp > 1 or ranks.layout.pp > 1:  # a KV cache of all heads and layers
             return
         # Every rank samples (FSDP gathers weights in each forward); rank 0 reports.
         # Sampling may draw random numbers; keep the training RNG stream untouched.
@@ -519,8 +552,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                 loss, n_total, step_metrics = accumulate_gradients(model, micro, objective, params=params,
                                                                    policy=cfg.dtype, device=device, ranks=ranks)
                 del micro
-                grad_norm = _global_norm(torch.nn.utils.clip_grad_norm_(
-                    params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"), foreach=True))
+                grad_norm = _clip_gradients(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"), ranks)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was saved"
                     raise LmsmithError(
@@ -607,7 +639,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
             last_ckpt = checkpoint(committed)
         if trainable is None:
             final_dir = out_dir / "final"
-            st.save_model(model, tokenizer, final_dir, ranks=ranks)
+            st.save_model(model, tokenizer, final_dir, ranks=ranks, checkpoint=last_ckpt)
         note = plot_loss_curve(log.rows, out_dir / "loss.png") if ranks.main else None
         if note:
             print(f"note: {note}", file=sys.stderr)

@@ -59,6 +59,9 @@ def param_groups(model: nn.Module, weight_decay: float,
     """
     wanted = None if trainable_params is None else {id(p) for p in trainable_params}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    if getattr(getattr(model, "config", None), "tie_embeddings", False) and head is not None:
+        embeddings.add(id(head))  # a tied head is the embedding (also a pipeline's last-stage copy of it)
     decay, no_decay, seen = [], [], set()
     for _, p in model.named_parameters():
         if id(p) in seen or not p.requires_grad or (wanted is not None and id(p) not in wanted):

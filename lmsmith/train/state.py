@@ -122,13 +122,20 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 # ---- writing a checkpoint ---------------------------------------------------------------
 
 
-def save_model(model, tokenizer, path: Path, ranks=None) -> Path:
-    """Write the final model as an HF directory, atomically (by rank 0; a sharded model is gathered)."""
+def save_model(model, tokenizer, path: Path, ranks=None, checkpoint: Path | None = None) -> Path:
+    """Write the final model as an HF directory, atomically (by rank 0; a sharded model is gathered;
+    pipeline stages are read back from `checkpoint`, the sharded checkpoint of the same step)."""
     from ..checkpoint import save
 
     if ranks is None or not ranks.distributed:
         return save(model, tokenizer, path)
-    if ranks.shards_weights:
+    if ranks.pipeline is not None:
+        from ..distributed.dcp import plain_from_checkpoint
+
+        ranks.barrier()
+        if ranks.main:
+            save(plain_from_checkpoint(checkpoint, model.config), tokenizer, path)
+    elif ranks.shards_weights:
         from ..distributed.dcp import full_state_dict, plain_copy
 
         full = full_state_dict(model, ranks)  # every rank takes part; rank 0 receives the tensors
@@ -226,7 +233,7 @@ def _save_on_ranks(ckpt_root: Path, step: int, ranks, *, model, tokenizer, optim
             Path(ckpt_root).mkdir(parents=True, exist_ok=True)
             tmp = str(stack.enter_context(atomic_dir(final)))
         tmp = Path(ranks.broadcast(tmp))  # every rank writes into rank 0's temporary folder
-        save_sharded(tmp, model, optimizer, trainable_only=trainable is not None)
+        save_sharded(tmp, model, optimizer, trainable_only=trainable is not None, alias=_alias(ranks))
         ranks.barrier()
         if ranks.main:
             _write_model_card(model, tokenizer, tmp)
@@ -378,18 +385,36 @@ def _load_weights_and_optimizer(path: Path, state: dict, opt_tensors: dict, mode
     from ..distributed.dcp import is_dcp_checkpoint, load_full, load_sharded
 
     if is_dcp_checkpoint(path):
-        load_sharded(path, model, optimizer, trainable_only)
+        load_sharded(path, model, optimizer, trainable_only, alias=_alias(ranks))
     elif ranks is not None and ranks.shards_weights:
-        names = {id(p): n for n, p in model.named_parameters()}
-        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
         files = [path / TRAINABLE_FILE] if (path / TRAINABLE_FILE).exists() else sorted(path.glob("*.safetensors"))
         weights = {}
         for f in files:
             weights.update(load_file(str(f)))
-        load_full(model, optimizer, weights, opt_tensors, state["optimizer"], order, trainable_only)
+        alias = {v: k for k, v in _alias(ranks).items()}  # the embedding's entries feed a pipeline's tied head
+        if ranks.pipeline is not None:
+            # This stage holds some of the parameters: name the one-process optimizer's by the whole model's order.
+            from ..model import build_model
+            from .optim import param_groups
+
+            whole = build_model(model.config, init=False)
+            names = {id(p): n for n, p in whole.named_parameters()}
+            order = [alias.get(names[id(p)], names[id(p)]) for g in param_groups(whole, 0.0) for p in g["params"]]
+            weights.update({alias[k]: weights[k] for k in alias if k in weights})
+        else:
+            names = {id(p): n for n, p in model.named_parameters()}
+            order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        own = {n for n, _ in model.named_parameters()} | set(model.state_dict())
+        load_full(model, optimizer, {k: v for k, v in weights.items() if k in own}, opt_tensors, state["optimizer"],
+                  order, trainable_only, keep=own)
     else:
         load_model_weights(model, path)
         optimizer_from_files(optimizer, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
+
+
+def _alias(ranks) -> dict[str, str]:
+    """Parameter renames for checkpoints of this rank (a pipeline's copy of a tied head)."""
+    return ranks.pipeline.alias if ranks is not None and ranks.pipeline is not None else {}
 
 
 def load_train_state(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -1,0 +1,170 @@
+"""Pipeline parallelism: this rank keeps a contiguous run of blocks and runs a torch.distributed.pipelining
+schedule (GPipe or 1F1B) over the micro-batches of each step.
+
+The model is pruned in place rather than rebuilt, so every kept parameter keeps its Hugging Face
+name (checkpoints of any layout load into any other): blocks of other stages become `_Skip`, the
+first stage keeps the embedding, the last the final norm and the head. The pruned model itself is the
+stage's module, so each stage runs `forward` (and FSDP / DDP see it): on later stages the skipped
+embedding passes the incoming hidden states (B, T, D) through, on earlier ones the skipped head
+passes them out; the last stage returns logits, which the schedule's loss sums. A tied head (all lmsmith
+presets) lives on both ends, as in Megatron: the first stage's embedding and the last stage's head
+start equal, and their gradients are summed across the two after every backward, so both take
+the same update.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LmsmithError
+from ..loss import IGNORE_INDEX
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+class _Skip(nn.Module):
+    """A block, norm or embedding held by another stage: passes its input through."""
+
+    def forward(self, x, *args):
+        return x
+
+
+def stage_layers(n_layers: int, stages: int, stage: int) -> range:
+    """The blocks of `stage`: an even split, earlier stages one more when it does not divide."""
+    base, extra = divmod(n_layers, stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+class Pipeline:
+    """This rank's stage and schedule. `step(micro_batches)` runs forward and backward of the step's
+    micro-batches (re-cut into `microbatches` pieces) and returns this rank's summed loss (0 off the
+    last stage)."""
+
+    def __init__(self, model, ranks, schedule: str = "1f1b", microbatches: int | None = None):
+        """Prune `model` to this rank's stage; `build` makes the schedule once TP / FSDP are applied."""
+        if schedule not in SCHEDULES:
+            raise LmsmithError(f"--pp-schedule {schedule!r}: choose {' or '.join(SCHEDULES)}")
+        pp = ranks.mesh["pp"]
+        self.stage, self.stages = pp.get_local_rank(), pp.size()
+        self.first, self.last = self.stage == 0, self.stage == self.stages - 1
+        self.microbatches = microbatches or self.stages
+        self.model, self.ranks, self.kind = model, ranks, schedule
+        self.tied = model.lm_head.weight is model.model.embed_tokens.weight
+        keep = stage_layers(len(model.model.layers), self.stages, self.stage)
+        for i in range(len(model.model.layers)):
+            if i not in keep:
+                model.model.layers[i] = _Skip()
+        if not self.first:
+            model.model.embed_tokens = _Skip()
+        if not self.last:
+            model.model.norm = _Skip()
+            model.lm_head = _Skip()
+        self._tie_group = _tie_group(ranks) if self.tied else None
+        self._twin = self.tied and self.last and not self.first
+        # The last stage's copy of a tied matrix is stored in checkpoints under the embedding's name.
+        self.alias = {"lm_head.weight": "model.embed_tokens.weight"} if self._twin else {}
+        self.schedule = None
+
+    @property
+    def duplicate(self):
+        """The last stage's copy of a tied matrix (trained, but counted once, on the first stage, in the
+        gradient norm); looked up now, since FSDP / TP replace the parameter objects."""
+        return self.model.lm_head.weight if self._twin else None
+
+    def build(self) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        pp = self.ranks.mesh["pp"]
+        stage = PipelineStage(self.model, self.stage, self.stages, self.ranks.device, group=pp.get_group())
+        cls = Schedule1F1B if self.kind == "1f1b" else ScheduleGPipe
+        self.schedule = cls(stage, self.microbatches, loss_fn=self._loss, scale_grads=False)
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy of one micro-batch's logits (B, T, V), fp32, -100 ignored."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+
+    def _run(self, micro_batches: list[dict], train: bool) -> float:
+        ids, labels = _stack(micro_batches)
+        if ids.shape[0] % self.microbatches:
+            raise LmsmithError(f"a step of {ids.shape[0]} rows per data-parallel rank does not split into "
+                               f"{self.microbatches} pipeline micro-batches; choose a --batch-size x --grad-accum "
+                               f"divisible by {self.microbatches}")
+        run = self.schedule.step if train else self.schedule.eval
+        losses: list[torch.Tensor] = []
+        if self.first:
+            run(ids, target=labels if self.last else None, losses=losses)
+        elif self.last:
+            run(target=labels, losses=losses)
+        else:
+            run()
+        return float(sum(float(x.detach()) for x in losses)) if self.last else 0.0
+
+    def step(self, micro_batches: list[dict]) -> float:
+        loss = self._run(micro_batches, train=True)
+        self.sync_tied_gradients()
+        self.average_replicas()
+        return loss
+
+    def average_replicas(self) -> None:
+        """Plain data parallelism beside a pipeline: average the replicas' gradients once per step, as DDP
+        would (DDP's hooks assume one forward per backward; a schedule runs many)."""
+        layout = self.ranks.layout
+        if layout.dp_replicate == 1 or layout.dp_shard > 1:  # none, or FSDP's reduce-scatter did it
+            return
+        import torch.distributed as dist
+
+        group = self.ranks.mesh["dp_replicate"].get_group()
+        for p in self.model.parameters():
+            if p.grad is not None:
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                dist.all_reduce(grad, group=group)
+                grad.div_(layout.dp_replicate)
+
+    def evaluate(self, batch: dict) -> float:
+        with torch.no_grad():
+            return self._run([batch], train=False)
+
+    def sync_tied_gradients(self) -> None:
+        """Sum the tied embedding's and head's gradients between the first and last stage."""
+        if self._tie_group is None:
+            return
+        import torch.distributed as dist
+
+        w = self.model.model.embed_tokens.weight if self.first else self.model.lm_head.weight
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        grad = w.grad.to_local() if hasattr(w.grad, "to_local") else w.grad
+        dist.all_reduce(grad, group=self._tie_group)
+
+
+def _stack(micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's micro-batches as one (rows, T) batch, right-padded to the longest (labels -100)."""
+    width = max(b["input_ids"].shape[1] for b in micro_batches)
+
+    def pad(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    ids = torch.cat([pad(b["input_ids"], 0) for b in micro_batches])
+    labels = torch.cat([pad(b["labels"], IGNORE_INDEX) for b in micro_batches])
+    return ids, labels
+
+
+def _tie_group(ranks):
+    """The process group of this rank's first and last pipeline stage (same position in the other dims).
+
+    Every rank creates every such group, in the same order, as torch.distributed requires."""
+    import torch.distributed as dist
+
+    grid = ranks.mesh.mesh.reshape(ranks.layout.pp, -1)  # (pp, everything else) of global ranks
+    mine = None
+    for col in range(grid.shape[1]):
+        members = sorted({int(grid[0, col]), int(grid[-1, col])})
+        group = dist.new_group(members)
+        if ranks.rank in members:
+            mine = group
+    return mine
