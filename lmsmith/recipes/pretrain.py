@@ -213,9 +213,15 @@ def _run(args: argparse.Namespace, ranks) -> int:
     if result.interrupted:
         lines.append(f"Interrupted: continue with `lmsmith pretrain --out {out} --resume`.")
     where = result.final_dir or result.checkpoint
-    lines.append(f"Model: {where} (a Hugging Face directory). Loss curve: {out / 'loss.png'}. "
-                 f"Metrics: {out / 'metrics.jsonl'}.")
-    lines.append(f"Next: `lmsmith eval {where} --data FILE`, `lmsmith generate {where} --prompt TEXT`.")
+    from ..distributed.dcp import is_dcp_checkpoint
+
+    if where is not None and is_dcp_checkpoint(where):  # a sharded run's checkpoint holds no HF weights
+        lines.append(f"Checkpoint: {where} (sharded over the ranks; --resume continues it on any layout). "
+                     f"Loss curve: {out / 'loss.png'}. Metrics: {out / 'metrics.jsonl'}.")
+    else:
+        lines.append(f"Model: {where} (a Hugging Face directory). Loss curve: {out / 'loss.png'}. "
+                     f"Metrics: {out / 'metrics.jsonl'}.")
+        lines.append(f"Next: `lmsmith eval {where} --data FILE`, `lmsmith generate {where} --prompt TEXT`.")
     print("\n" + " ".join(lines))
     if sample is not None:
         print(f"\nSample (temperature 0.8):\n{sample}")
