@@ -136,8 +136,8 @@ def test_pretrain_cli_under_torchrun_equals_one_process(tmp_path, layout):
     for f in Path(json_module.__file__).parent.glob("*.py"):
         shutil.copy(f, src / f.name)
     args = ["pretrain", "--source", f"code={src}", "--vocab-size", "300", "--preset", "tiny", "--max-steps", "6",
-            "--batch-size", "4", "--seq-len", "64", "--log-every", "1", "--eval-every", "3", "--eval-batches", "2",
-            "--no-progress"]
+            "--batch-size", "4", "--seq-len", "64", "--log-every", "1", "--eval-every", "3", "--eval-batches", "20",
+            "--no-progress"]  # 20 batches reach the validation split's short last batch (3 rows)
     assert main([*args, "--out", str(tmp_path / "alone")]) == 0
     proc = _launch(2, *args, "--out", str(tmp_path / "two"), *layout, module=True)
     assert proc.stdout.count("Trained tiny") == 1  # the summary comes from rank 0 only
@@ -227,3 +227,40 @@ def test_finetune_lora_under_fsdp_equals_one_process(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_ctrl_c_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
+    """SIGINT to the whole torchrun process group (what a terminal's Ctrl-C does): every rank stops after
+    the same step, the sharded checkpoint of that step is complete, and --resume continues from it."""
+    import signal
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    import json as json_module
+
+    for f in Path(json_module.__file__).parent.glob("*.py"):
+        shutil.copy(f, src / f.name)
+    out = tmp_path / "run"
+    args = ["pretrain", "--source", f"code={src}", "--vocab-size", "300", "--preset", "tiny", "--batch-size", "4",
+            "--seq-len", "64", "--log-every", "1", "--eval-every", "0", "--save-every", "0", "--no-progress",
+            "--out", str(out), "--dp-shard", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmsmith"]
+    proc = subprocess.Popen([*cmd, *args, "--max-steps", "100000"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (
+            (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    stops = [line for line in err.splitlines() if line.startswith("Stopped by SIGINT at step")]
+    assert len(stops) == 1, err[-3000:]  # said once, by rank 0
+    step = int(stops[0].split("at step ")[1].split(".")[0])
+    ckpt = out / "checkpoints" / f"step-{step:07d}"
+    assert (ckpt / "dcp" / ".metadata").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
+    _launch(2, *args, "--resume", "--max-steps", str(step + 2), module=True)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-3:] == [step, step + 1, step + 2]
+    assert (out / "final" / "model.safetensors").is_file()

@@ -90,6 +90,10 @@ class Pipeline:
 
     def _run(self, micro_batches: list[dict], train: bool) -> float:
         ids, labels = _stack(micro_batches)
+        if not train and ids.shape[0] % self.microbatches:  # a short evaluation batch: pad rows without targets
+            extra = self.microbatches - ids.shape[0] % self.microbatches
+            ids = torch.cat([ids, ids.new_zeros(extra, ids.shape[1])])
+            labels = torch.cat([labels, labels.new_full((extra, labels.shape[1]), IGNORE_INDEX)])
         if ids.shape[0] % self.microbatches:
             raise LmsmithError(f"a step of {ids.shape[0]} rows per data-parallel rank does not split into "
                                f"{self.microbatches} pipeline micro-batches; choose a --batch-size x --grad-accum "

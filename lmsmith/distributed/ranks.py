@@ -63,11 +63,13 @@ class Ranks:
         """Whether parameters are DTensors (FSDP or TP): saving and loading then go through DCP."""
         return self.distributed and (self.layout.dp_shard > 1 or self.layout.tp > 1 or self.layout.pp > 1)
 
-    def shard_batch(self, batch: dict) -> dict:
+    def shard_batch(self, batch: dict, even: bool = True) -> dict:
         """This rank's rows of a global batch: rows [dp_rank * b, (dp_rank + 1) * b) of every tensor.
 
         Every rank draws the same global batch (batch k depends on (seed, k) only), so the union of
-        the slices is exactly what one process would train on.
+        the slices is exactly what one process would train on. Training batches must split evenly;
+        with `even=False` (evaluation: the last validation batch is short) the slices differ by at
+        most a row, and a rank may get none.
         """
         if self.dp_size == 1:
             return batch
@@ -75,11 +77,10 @@ class Ranks:
         for key, v in batch.items():
             if isinstance(v, torch.Tensor) and v.ndim >= 1:
                 rows = v.shape[0]
-                if rows % self.dp_size:
+                if rows % self.dp_size and even:
                     raise LmsmithError(f"a batch of {rows} rows does not split over {self.dp_size} data-parallel "
                                        f"ranks; choose a --batch-size divisible by {self.dp_size}")
-                b = rows // self.dp_size
-                v = v[self.dp_rank * b:(self.dp_rank + 1) * b]
+                v = v[self.dp_rank * rows // self.dp_size:(self.dp_rank + 1) * rows // self.dp_size]
             out[key] = v
         return out
 

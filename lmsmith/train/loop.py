@@ -263,7 +263,7 @@ def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_
             for i, batch in enumerate(eval_batches()):
                 if i >= n_batches:
                     break
-                local = _to_device(ranks.shard_batch(batch), device)
+                local = _to_device(ranks.shard_batch(batch, even=False), device)
                 if ranks.pipeline is not None:  # a forward-only pass of the schedule; losses on the last stage
                     loss_sum, metrics = ranks.pipeline.evaluate(local), {}
                     n = int((local["labels"] != IGNORE_INDEX).sum())
