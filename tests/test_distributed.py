@@ -187,35 +187,46 @@ def test_layout_product_and_heads():
         Layout(pp=2, tp=2, dp_shard=1).check_model(cfg)
 
 
-def test_finetune_lora_under_fsdp_equals_one_process(tmp_path):
-    """`torchrun -m lmsmith finetune --method lora --dp-shard 2`: the one-process losses and adapter."""
+@pytest.fixture(scope="module")
+def sft_task(tmp_path_factory):
+    """64 word-reversal examples and an untrained 2-layer model with a tokenizer trained on them."""
     import random
-
-    from safetensors.torch import load_file
 
     from lmsmith.checkpoint import save
     from lmsmith.config import ModelConfig
     from lmsmith.model import build_model
     from lmsmith.tokenizer import Tokenizer
 
+    root = tmp_path_factory.mktemp("sft")
     rng = random.Random(0)
     words = ["cat", "dog", "sun", "owl", "tree", "wolf", "moon", "fish"]
     rows = []
     for _ in range(64):
         q = " ".join(rng.sample(words, 3))
         rows.append({"instruction": f"Reverse the words: {q}", "solution": " ".join(reversed(q.split()))})
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = Tokenizer.train([r["instruction"] + "\n" + r["solution"] for r in rows] * 3, vocab_size=300,
                           show_progress=False)
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192,
                       max_seq_len=64, tie_embeddings=True)
-    save(build_model(cfg, seed=0), tok, tmp_path / "model")
-    args = ["finetune", str(tmp_path / "model"), "--data", str(data), "--method", "lora", "--lora-r", "4",
+    save(build_model(cfg, seed=0), tok, root / "model")
+    return root
+
+
+@pytest.mark.parametrize("method,layout", [(["--method", "lora", "--lora-r", "4", "--lr", "3e-3"], ["--dp-shard", "2"]),
+                                           (["--method", "prompt", "--virtual-tokens", "4", "--lr", "3e-2"],
+                                            ["--dp-replicate", "2", "--dp-shard", "1"])],
+                         ids=["lora-fsdp", "prompt-ddp"])
+def test_finetune_adapters_under_torchrun_equal_one_process(sft_task, tmp_path, method, layout):
+    """`torchrun -m lmsmith finetune`: LoRA under FSDP (the adapter gathered from the shards) and prompt
+    tuning under DDP give the one-process losses and adapter."""
+    from safetensors.torch import load_file
+
+    args = ["finetune", str(sft_task / "model"), "--data", str(sft_task / "train.jsonl"), *method,
             "--max-steps", "6", "--batch-size", "8", "--log-every", "1", "--val-fraction", "0", "--dtype", "fp32",
-            "--no-progress", "--seq-len", "64", "--peak-flops", "1e12", "--lr", "3e-3", "--warmup-steps", "1"]
+            "--no-progress", "--seq-len", "64", "--peak-flops", "1e12", "--warmup-steps", "1"]
     assert main([*args, "--out", str(tmp_path / "alone")]) == 0
-    _launch(2, *args, "--out", str(tmp_path / "two"), "--dp-shard", "2", module=True)
+    _launch(2, *args, "--out", str(tmp_path / "two"), *layout, module=True)
 
     def losses(run):
         return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
@@ -223,7 +234,7 @@ def test_finetune_lora_under_fsdp_equals_one_process(tmp_path):
     a, b = losses(tmp_path / "alone"), losses(tmp_path / "two")
     assert len(a) == 6 and all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
     wa = load_file(tmp_path / "alone" / "adapter" / "adapter_model.safetensors")
-    wb = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")  # gathered from the shards
+    wb = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
