@@ -89,13 +89,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         # Head counts from the projections' outputs: under tensor parallelism a rank holds H/tp heads.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, q.shape[-1] // self.head_dim, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.view(B, T, k.shape[-1] // self.head_dim, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
+        v = v.view(B, T, v.shape[-1] // self.head_dim, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if getattr(cache, "packed", False):  # several rows' tokens in one sequence: attend per segment
             y = _packed_attention(cache, layer, q, k, v, self.window, self.n_kv_heads != self.n_heads)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, q.shape[1] * self.head_dim))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
             # Rows that end in the same column: only the last `window` keys (a ragged mask has the window).
@@ -106,7 +107,8 @@ class Attention(nn.Module):
         windowed = self.window is not None and self.window < S
         if mask is None and T > 1:  # causal, the T new tokens after S - T earlier keys
             if torch.is_grad_enabled() and _fits(B, q.shape[1], T, S):
-                return self.o_proj(_causal_attention(q, k, v, self.window).transpose(1, 2).reshape(B, T, -1))
+                y = _causal_attention(q, k, v, self.window)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, q.shape[1] * self.head_dim))
             if S > T or windowed:  # SDPA's is_causal aligns the triangle top-left: spell the offset out
                 mask = _causal_keep(T, S, self.window, x.device)
         # enable_gqa lets SDPA share each K/V head across its query group without
@@ -114,7 +116,7 @@ class Attention(nn.Module):
         # mask None: plain causal attention over T == S (flash kernels).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, q.shape[1] * self.head_dim))
 
 
 def _packed_attention(step, layer: int, q, k, v, window: int | None, gqa: bool) -> torch.Tensor:
@@ -263,7 +265,8 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, None, cache, i)
             cache.end()
             return self.model.norm(x)
-        past = cache.begin(T) if cache is not None else [0] * B
+        # (B may be 0: a data-parallel rank's share of a short last evaluation batch.)
+        past = cache.begin(T) if cache is not None else [0] * max(B, 1)
         if positions is None:
             if min(past) == max(past):
                 positions = torch.arange(past[0], past[0] + T, device=x.device).expand(B, T)

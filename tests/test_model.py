@@ -213,3 +213,18 @@ def test_half_precision_keeps_rotary_frequencies_fp32():
     for m in (direct, cast, cast.half()):
         assert m.inv_freq.dtype == torch.float32
         torch.testing.assert_close(m.inv_freq, exact, rtol=0, atol=0)
+
+
+def test_an_empty_batch_gives_a_zero_loss():
+    """A data-parallel rank's share of a short last evaluation batch can be 0 rows: the forward still runs
+    (FSDP gathers weights on every rank) and contributes nothing."""
+    import torch
+
+    from lmsmith.config import preset
+    from lmsmith.model import build_model
+
+    model = build_model(preset("tiny", vocab_size=64), seed=0)
+    ids = torch.zeros(0, 16, dtype=torch.long)
+    with torch.no_grad():
+        assert float(model(ids, labels=ids)) == 0.0
+        assert model(ids).shape == (0, 16, 64)
