@@ -302,7 +302,7 @@ class Transformer(nn.Module):
         """
         h = self.hidden_states(input_ids, **kwargs)
         if labels is not None:
-            if type(h) is not torch.Tensor and not isinstance(h, nn.Parameter):
+            if hasattr(h, "placements"):
                 # A DTensor (sequence-parallel norm): the tensor-parallel head gathers the logits first.
                 return target_loss(self.lm_head(h), labels, _identity, None, reduction)
             return target_loss(h, labels, self.lm_head, plain_head_weight(self.lm_head), reduction)

@@ -36,8 +36,8 @@ def _options(trainable_only: bool, full: bool = False):
 
 
 def _renamed(msd: dict, osd: dict, alias: dict[str, str]) -> tuple[dict, dict]:
-    """State dicts with parameter names mapped through `alias` (model keys, optimizer state keys and
-    the names in its param groups)."""
+    """State dicts in their stored form: a tied head dropped from the model's (it is the embedding), and
+    parameter names mapped through `alias` (model keys, optimizer state keys, param-group names)."""
     if "model.embed_tokens.weight" in msd and "lm_head.weight" in msd and _same(msd["lm_head.weight"],
                                                                                 msd["model.embed_tokens.weight"]):
         msd = {k: v for k, v in msd.items() if k != "lm_head.weight"}  # a tied head is stored as the embedding
@@ -113,7 +113,7 @@ def load_full(model, optimizer, weights: dict[str, torch.Tensor], opt_tensors: d
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
         if keep is not None:
-            g["params"] = [n for n in g["params"] if n in keep]
+            g["params"] = [name for name in g["params"] if name in keep]
         if g["params"]:
             groups.append(g)
     if keep is not None:
@@ -123,35 +123,26 @@ def load_full(model, optimizer, weights: dict[str, torch.Tensor], opt_tensors: d
                    options=_options(trainable_only, full=True))
 
 
-def full_state_dict(model, ranks: Ranks) -> dict[str, torch.Tensor]:
+def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The whole model's weights as plain CPU tensors on rank 0 (empty elsewhere), gathered for final/."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def plain_copy(model, state: dict[str, torch.Tensor]):
-    """A plain (unsharded, CPU) Transformer with `state`'s weights, to write as an HF directory."""
-    from ..model import build_model
-
-    plain = build_model(model.config, init=False)
-    plain.load_state_dict(state, strict=False, assign=True)
-    plain.tie_weights()
-    plain.reset_buffers()
-    return plain
-
-
-def gathered_lora(model, ranks: Ranks, lora_cfg):
-    """A plain CPU copy of a sharded LoRA model on rank 0 (None elsewhere), to save the adapter and merge."""
-    from ..adapters.lora import apply_lora
-
-    full = full_state_dict(model, ranks)
+def gathered_copy(model, ranks: Ranks, lora_cfg=None):
+    """A plain (unsharded, CPU) copy of a sharded model on rank 0 (None elsewhere), to write as an HF
+    directory, or with `lora_cfg` as an adapter (and merged). Every rank takes part in the gather."""
+    full = full_state_dict(model)
     if not ranks.main:
         return None
     from ..model import build_model
 
     plain = build_model(model.config, init=False)
-    apply_lora(plain, lora_cfg)  # the same modules, still on the meta device, then the gathered tensors
+    if lora_cfg is not None:
+        from ..adapters.lora import apply_lora
+
+        apply_lora(plain, lora_cfg)  # the same modules, still on the meta device, then the gathered tensors
     plain.load_state_dict(full, strict=False, assign=True)
     plain.tie_weights()
     plain.reset_buffers()

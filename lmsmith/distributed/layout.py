@@ -64,6 +64,12 @@ class Layout:
         return (f"--dp-replicate {self.dp_replicate} --dp-shard {shard} --tp {self.tp} --pp {self.pp} "
                 f"--cp {self.cp}")
 
+    def brief(self) -> str:
+        """Only the degrees above 1, e.g. "dp-shard 16 tp 8" ("1 device" when none)."""
+        parts = [f"{name.replace('_', '-')} {getattr(self, name)}" for name in ("dp_replicate", "dp_shard", "tp",
+                                                                                "pp", "cp") if getattr(self, name) > 1]
+        return " ".join(parts) or "1 device"
+
     def check_model(self, config) -> None:
         """Errors a layout gives for this model, before any process builds it."""
         if self.tp > 1:

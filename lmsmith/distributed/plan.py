@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from .layout import Layout
 
 # Bytes per parameter of (weights, gradients, optimizer state, fp32 master copy) by precision, for
 # full training. "bf16": everything in bf16 (Hugging Face's rule of thumb, 2 bytes each for weights,
@@ -64,23 +65,6 @@ class Hardware:
     @property
     def devices(self) -> int:
         return self.gpus_per_node * self.nodes
-
-
-@dataclass(frozen=True)
-class Layout:
-    dp_replicate: int
-    dp_shard: int
-    tp: int
-    pp: int
-
-    @property
-    def size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
-
-    def describe(self) -> str:
-        parts = [f"{name} {v}" for name, v in (("dp-replicate", self.dp_replicate), ("dp-shard", self.dp_shard),
-                                                ("tp", self.tp), ("pp", self.pp)) if v > 1]
-        return " ".join(parts) or "1 device"
 
 
 # ---- parameter counts ------------------------------------------------------------------------

@@ -40,14 +40,14 @@ class Ranks:
         self.device = device or torch.device("cpu")
         if mesh is None:
             self.rank, self.world, self.dp_rank, self.dp_size = 0, 1, 0, 1
-            self._dp_group = self._world_group = None
+            self._dp_group = None
             return
         import torch.distributed as dist
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         dp = mesh["dp"]
         self.dp_rank, self.dp_size = dp.get_local_rank(), dp.size()
-        self._dp_group, self._world_group = dp.get_group(), None
+        self._dp_group = dp.get_group()
 
     @property
     def main(self) -> bool:
@@ -91,7 +91,7 @@ class Ranks:
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(t, group=self._dp_group if over == "dp" else self._world_group)
+        dist.all_reduce(t, group=self._dp_group if over == "dp" else None)  # None: the default (world) group
         return t.tolist()
 
     def any(self, flag: bool) -> bool:

@@ -495,9 +495,9 @@ def _save_on_main(ranks, save, model, method: str, lora_cfg):
     if not ranks.shards_weights or method == "full":  # the loop wrote final/ already (gathered)
         written = save(model) if ranks.main else []
     else:
-        from ..distributed.dcp import gathered_lora
+        from ..distributed.dcp import gathered_copy
 
-        plain = gathered_lora(model, ranks, lora_cfg)  # every rank takes part; rank 0 gets a plain model
+        plain = gathered_copy(model, ranks, lora_cfg)  # every rank takes part; rank 0 gets a plain model
         written = save(plain) if ranks.main else []
     ranks.barrier()
     return [Path(w) for w in ranks.broadcast([str(w) for w in written])]

@@ -127,7 +127,7 @@ def _print_layouts(job, hw, options, n_fit: int) -> None:
     print(head)
     for o in options:
         cells = "".join(f"{_gb(o.memory.get(k, 0)):>15}" for k in kinds)
-        print(f"  {o.layout.describe():<34}{cells}{_gb(o.peak):>11}{o.seconds:>8.2f}s{o.tokens_per_s:>11,.0f}")
+        print(f"  {o.layout.brief():<34}{cells}{_gb(o.peak):>11}{o.seconds:>8.2f}s{o.tokens_per_s:>11,.0f}")
     if n_fit > len(options):
         print(f"  ... {n_fit - len(options)} more layouts fit (--top N)")
 

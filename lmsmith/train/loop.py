@@ -266,9 +266,8 @@ def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_
                 local = _to_device(ranks.shard_batch(batch, even=False), device)
                 if ranks.pipeline is not None:  # a forward-only pass of the schedule; losses on the last stage
                     loss_sum, metrics = ranks.pipeline.evaluate(local), {}
-                    n = int((local["labels"] != IGNORE_INDEX).sum())
-                    if not ranks.pipeline.last:
-                        n = 0  # counted once, where the loss is
+                    # counted once, where the loss is
+                    n = int((local["labels"] != IGNORE_INDEX).sum()) if ranks.pipeline.last else 0
                 else:
                     loss_sum, metrics, n = objective(model, local)
                 total += float(loss_sum)
@@ -304,28 +303,21 @@ def accumulate_gradients(model, micro_batches, objective, *, params=None, policy
     """
     ranks = ranks or Ranks()
     params = [p for p in model.parameters() if p.requires_grad] if params is None else params
-    loss_total, n_total, metrics_sum = 0.0, 0, {}
-    if ranks.pipeline is not None:  # the schedule runs every micro-batch's forward and backward itself
-        with autocast(policy, device):
-            loss_total = ranks.pipeline.step(micro_batches)  # 0 off the last stage
-        n_total = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        # Only last stages hold losses, one per data-parallel slice and tensor-parallel rank.
-        loss_total = ranks.sum([loss_total], over="world")[0] / (ranks.layout.tp * ranks.layout.cp)
-        micro_batches = []
-    for batch in micro_batches:
-        with autocast(policy, device):
-            loss_sum, metrics, n = objective(model, batch)
-        loss_sum.backward()
-        loss_total += float(loss_sum.detach())
-        n_total += n
-        for k, v in metrics.items():
-            metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / len(micro_batches)
-    keys = sorted(metrics_sum)
     if ranks.pipeline is not None:
-        n_total, summed = ranks.sum([n_total])[0], []
+        loss_total, n_total, metrics_sum = _pipeline_step(micro_batches, ranks, policy, device)
     else:
+        loss_total, n_total, metrics_sum = 0.0, 0, {}
+        for batch in micro_batches:
+            with autocast(policy, device):
+                loss_sum, metrics, n = objective(model, batch)
+            loss_sum.backward()
+            loss_total += float(loss_sum.detach())
+            n_total += n
+            for k, v in metrics.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / len(micro_batches)
+        keys = sorted(metrics_sum)
         loss_total, n_total, *summed = ranks.sum([loss_total, n_total, *(metrics_sum[k] for k in keys)])
-    metrics_sum = {k: v / ranks.dp_size for k, v in zip(keys, summed)}
+        metrics_sum = {k: v / ranks.dp_size for k, v in zip(keys, summed)}
     n_total = int(n_total)
     if n_total == 0:
         raise LmsmithError("a training step had no target tokens (every label is -100); check the data")
@@ -336,6 +328,17 @@ def accumulate_gradients(model, micro_batches, objective, *, params=None, policy
     if grads:
         torch._foreach_mul_(grads, ranks.dp_size / n_total)
     return loss_total / n_total, n_total, metrics_sum
+
+
+def _pipeline_step(micro_batches, ranks: Ranks, policy: str, device) -> tuple[float, int, dict]:
+    """(global loss sum, global target count, {}) of a step the pipeline schedule runs: it does every
+    micro-batch's forward and backward itself, and only last stages hold losses (one per data-parallel
+    slice and tensor-parallel rank)."""
+    with autocast(policy, device):
+        local = ranks.pipeline.step(micro_batches)  # 0 off the last stage
+    loss = ranks.sum([local], over="world")[0] / (ranks.layout.tp * ranks.layout.cp)
+    n = ranks.sum([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)])[0]
+    return loss, n, {}
 
 
 def _clip_gradients(params, max_norm: float, ranks: Ranks) -> float:

@@ -136,12 +136,11 @@ def save_model(model, tokenizer, path: Path, ranks=None, checkpoint: Path | None
         if ranks.main:
             save(plain_from_checkpoint(checkpoint, model.config), tokenizer, path)
     elif ranks.shards_weights:
-        from ..distributed.dcp import full_state_dict, plain_copy
+        from ..distributed.dcp import gathered_copy
 
-        full = full_state_dict(model, ranks)  # every rank takes part; rank 0 receives the tensors
+        plain = gathered_copy(model, ranks)  # every rank takes part; rank 0 receives the tensors
         if ranks.main:
-            save(plain_copy(model, full), tokenizer, path)
-        del full
+            save(plain, tokenizer, path)
     elif ranks.main:
         save(model, tokenizer, path)
     ranks.barrier()
@@ -251,8 +250,9 @@ def _write_model_card(model, tokenizer, directory: Path) -> None:
     from ..fileio import write_json
 
     ids = special_ids(tokenizer)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # the training weights' dtype
     write_json(directory / CONFIG_NAME, model.config.to_hf(bos_id=ids["bos_id"], eos_id=ids["eos_id"],
-                                                           pad_id=ids["pad_id"], torch_dtype="float32"))
+                                                           pad_id=ids["pad_id"], torch_dtype=dtype))
     if tokenizer is not None:
         tokenizer.save(directory)
 
