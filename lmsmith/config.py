@@ -286,6 +286,9 @@ def _llama3_scaling(factor: float, original: int = 8192) -> dict[str, Any]:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # ~0.5M params: the default distillation student of the `tiny` demo model (`lmsmith distill`).
+    "nano": dict(vocab_size=4096, dim=96, n_layers=2, n_heads=3, n_kv_heads=1, hidden_dim=256,
+                 max_seq_len=256, tie_embeddings=True),
     # ~2.4M params: tests and CPU demos (`lmsmith pretrain` default).
     "tiny": dict(vocab_size=4096, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, hidden_dim=512,
                  max_seq_len=256, tie_embeddings=True),

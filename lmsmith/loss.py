@@ -21,7 +21,8 @@ def target_loss(h: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Ten
     """Cross-entropy of the LM head's logits against `labels`, only on positions with a target.
 
     Args:
-        h: (B, T, D) final hidden states; labels: (B, T) targets, -100 where ignored.
+        h: (B, T, D) final hidden states; labels: (B, T) targets, -100 where ignored; or an object with
+            `loss(h, head, weight) -> scalar` (distillation's `DistillTargets`), which then computes the loss.
         head: maps (N, D) hidden states to (N, V) logits (the model's LM head, or a wrapper's).
         weight: the head's plain (V, D) matrix when it has one: the loss is then fused and chunked
             (`linear_cross_entropy`), so the (N, V) logits never exist at once.
@@ -29,6 +30,10 @@ def target_loss(h: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Ten
 
     Only rows with a target go through the head (SFT prompts cost no head matmul); the softmax is fp32.
     """
+    if not isinstance(labels, torch.Tensor):  # a loss target that computes itself from the hidden states
+        if reduction != "sum":
+            raise ValueError(f"{type(labels).__name__} gives a summed loss only, not reduction={reduction!r}")
+        return labels.loss(h, head, weight)
     keep = labels != IGNORE_INDEX  # (B, T)
     hk, targets = h[keep], labels[keep]  # (N, D), (N,)
     if reduction == "sum":

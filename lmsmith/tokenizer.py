@@ -618,3 +618,16 @@ def _regexes(node: Any) -> list[str]:
         for v in node:
             found += _regexes(v)
     return found
+
+
+def first_difference(a: Tokenizer, b: Tokenizer) -> int | None:
+    """The first token id whose string differs between two tokenizers (or that only one has); None if
+    they share one vocabulary (a distillation teacher and student, a draft and its target)."""
+    if a.hash == b.hash:
+        return None
+    for i in range(max(a.vocab_size, b.vocab_size)):
+        x = a.id_to_token(i) if i < a.vocab_size else None
+        y = b.id_to_token(i) if i < b.vocab_size else None
+        if x != y:
+            return i
+    return None

@@ -250,7 +250,9 @@ def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_
 
     Returns `val_loss`, `val_<metric>` for each metric the objective reports (averaged over batches),
     and `val_ppl` = exp(val_loss) only for objectives whose loss is a per-token negative log-likelihood
-    (those marked `objective.perplexity = True`): exp of a DPO loss is no perplexity. Under data
+    (those marked `objective.perplexity = True`): exp of a DPO loss is no perplexity. An objective whose
+    loss is not one but that reports a per-token NLL metric names it (`objective.perplexity_of = "ce"`:
+    distillation) and `val_ppl` is exp of that. Under data
     parallelism each rank evaluates its slice of every batch and the sums are added over the ranks.
     """
     ranks = ranks or Ranks()
@@ -288,6 +290,8 @@ def evaluate(model, eval_batches: Callable[[], Iterator[dict]], objective, *, n_
     out = {"val_loss": val, **{f"val_{k}": v / batches for k, v in sums.items()}}
     if getattr(objective, "perplexity", False):
         out["val_ppl"] = math.exp(min(val, 700.0))
+    elif f"val_{getattr(objective, 'perplexity_of', None)}" in out:  # e.g. distillation's cross-entropy
+        out["val_ppl"] = math.exp(min(out[f"val_{objective.perplexity_of}"], 700.0))
     return out
 
 
