@@ -63,7 +63,8 @@ def _decoder(tokenizer):
 
 
 def generate(model, tokenizer, prompt_or_prompts: str | Sequence[str], config: GenerationConfig | None = None,
-             *, precision: str | None = None, **overrides) -> str | list[str] | list[list[str]]:
+             *, precision: str | None = None, draft=None, draft_tokens: int | None = None, stats: dict | None = None,
+             **overrides) -> str | list[str] | list[list[str]]:
     """Generate text; returns only the new text (the prompt is not repeated).
 
     Args:
@@ -72,6 +73,10 @@ def generate(model, tokenizer, prompt_or_prompts: str | Sequence[str], config: G
         prompt_or_prompts: one prompt or a list of prompts (batched together, left-padded).
         config: a GenerationConfig; keyword `overrides` change its fields (e.g. `max_new_tokens=20`).
         precision: None/"fp32" or an `lmsmith.precision` policy ("auto", "bf16", "fp16").
+        draft: speculative decoding: a draft model sharing the tokenizer (e.g. a distilled student) or
+            "prompt-lookup"; `draft_tokens` fixes the tokens drafted per step (default adaptive). Greedy
+            output is identical to the model alone; sampling keeps its distribution.
+        stats: a dict that receives the engine's counters (draft_tokens, draft_accepted, decode_steps, ...).
 
     Returns:
         A string for one prompt, a list of strings for a list of prompts. With
@@ -81,7 +86,8 @@ def generate(model, tokenizer, prompt_or_prompts: str | Sequence[str], config: G
     single = isinstance(prompt_or_prompts, str)
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
-    comps = generate_ids(model, ids, config, decode=_decoder(tokenizer), precision=precision)
+    comps = generate_ids(model, ids, config, decode=_decoder(tokenizer), precision=precision, draft=draft,
+                         draft_tokens=draft_tokens, stats=stats)
     n = config.num_return_sequences
     texts: list = [c.text for c in comps]
     if n > 1:
@@ -90,7 +96,8 @@ def generate(model, tokenizer, prompt_or_prompts: str | Sequence[str], config: G
 
 
 def generate_stream(model, tokenizer, prompt: str, config: GenerationConfig | None = None,
-                    *, precision: str | None = None, **overrides) -> Iterator[str]:
+                    *, precision: str | None = None, draft=None, draft_tokens: int | None = None,
+                    stats: dict | None = None, **overrides) -> Iterator[str]:
     """Yield the new text piece by piece as tokens are produced (one prompt, one sequence).
 
     Pieces never split a multi-byte character and never contain (the start of) a stop string;
@@ -104,7 +111,8 @@ def generate_stream(model, tokenizer, prompt: str, config: GenerationConfig | No
     if config.strategy == "beam":
         yield generate_ids(model, ids, config, decode=_decoder(tokenizer), precision=precision)[0].text
         return
-    for ev in stream_ids(model, ids, config, decode=_decoder(tokenizer), precision=precision):
+    for ev in stream_ids(model, ids, config, decode=_decoder(tokenizer), precision=precision, draft=draft,
+                         draft_tokens=draft_tokens, stats=stats):
         if ev.text:
             yield ev.text
 

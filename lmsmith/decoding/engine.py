@@ -40,6 +40,17 @@ from ..kvcache import PackedStep
 from .config import GenerationConfig
 from .detokenizer import Detokenizer
 from .picker import TokenPicker, pick
+from .speculative import (
+    MAX_GAMMA,
+    START_GAMMA,
+    DraftModel,
+    PromptLookup,
+    draft_choice,
+    fork_picker,
+    make_drafter,
+    next_gamma,
+    verify_token,
+)
 
 FINISH_REASONS = ("eos", "stop", "length", "cancelled", "error")
 
@@ -122,6 +133,8 @@ class _Seq:
         self.cached = 0  # how many of `tokens` the cache row holds
         self.out: list[int] = []
         self.row = -1
+        self.gamma = 0  # draft tokens to propose next (speculative decoding)
+        self.draft_cached = 0  # how many of `tokens` the draft model's cache row holds
 
     @property
     def prefilling(self) -> bool:
@@ -139,13 +152,16 @@ class Engine:
         precision: None/"fp32" or an `lmsmith.precision` policy for autocast.
         prefill_chunk: prompt tokens prefilled per step, packed into one forward with the decode
             rows (a request asking for prompt logprobs is prefilled whole, alone).
+        draft: speculative decoding (`speculative.py`): a draft model with the target's vocabulary, or
+            "prompt-lookup"; every generating slot then drafts and verifies its own number of tokens.
+        draft_tokens: tokens drafted per step (None: adaptive per slot).
 
     `submit` and `cancel` may be called from any thread; `step` from one thread at a time.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_len: int | None = None,
                  decode: Callable[[list[int]], str] | None = None, precision: str | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, draft=None, draft_tokens: int | None = None):
         if max_batch < 1:
             raise LmsmithError(f"max_batch {max_batch} must be >= 1")
         context = model.config.max_seq_len
@@ -154,12 +170,17 @@ class Engine:
         self.decode, self.precision, self.prefill_chunk = decode, precision, max(1, prefill_chunk)
         self.device = model_device(model)
         self.cache = model.make_cache(max_batch, self.max_len)
+        if draft_tokens is not None and not 1 <= draft_tokens <= MAX_GAMMA:
+            raise LmsmithError(f"draft_tokens {draft_tokens} must be between 1 and {MAX_GAMMA}")
+        self.drafter = make_drafter(draft, max_batch, self.max_len, model.config)
+        self.draft_tokens = draft_tokens
         self.row_seq: list[_Seq | None] = [None] * max_batch
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # a free row's cached tokens
         self.active: list[_Seq] = []
         # counters for metrics: decode_rows / decode_steps is the average decode batch
+        # draft_accepted / draft_tokens is the acceptance rate of speculative decoding
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
-                      "decode_rows": 0}
+                      "decode_rows": 0, "draft_tokens": 0, "draft_accepted": 0}
         self._waiting: deque[_Seq] = deque()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
@@ -235,6 +256,8 @@ class Engine:
             chunks = self._prefill_plan()
             if chunks:
                 self._packed_forward([(s, 1) for s in decoding] + chunks, rows, logits)
+            elif decoding and self.drafter is not None:
+                self._speculative_step(decoding, events)
             elif decoding:
                 self._layout()
                 decoding.sort(key=lambda s: s.row)
@@ -277,6 +300,82 @@ class Engine:
             if not s.prefilling:
                 rows.append(s)
                 logits.append(out[j:j + 1])
+
+    # ---- speculative decoding --------------------------------------------------------------------
+
+    def _speculative_step(self, decoding: list[_Seq], events: list[Event]) -> None:
+        """Every generating slot drafts its tokens, ONE packed target forward scores them all, each slot
+        keeps its accepted prefix and one token of the target's, and both caches roll back."""
+        plan = [(s, self._gamma_for(s)) for s in decoding]
+        drafts = self._draft([(s, g) for s, g in plan if g > 0])
+        segments = [(s, [s.tokens[s.cached], *drafts.get(s.rid, ([], []))[0]]) for s, _ in plan]
+        ids = [t for _, seg in segments for t in seg]
+        packed = PackedStep(self.cache, [(s.row, len(seg)) for s, seg in segments])
+        out = self.model(torch.tensor([ids], device=self.device), cache=packed)[0].float()  # (N, V)
+        start = 0
+        for s, seg in segments:
+            d, qs = drafts.get(s.rid, ([], []))
+            try:
+                self._verify(s, out[start:start + len(seg)], d, qs, events)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                self._fail(s, e, events)
+            start += len(seg)
+
+    def _gamma_for(self, s: _Seq) -> int:
+        """Tokens slot s drafts now: its (adaptive or fixed) gamma within its budget and both caches."""
+        if s.req.json_object:
+            return 0
+        if s.gamma == 0:
+            s.gamma = self.draft_tokens or START_GAMMA
+        n = len(s.tokens)
+        room = min(s.budget - len(s.out) - 1, self.max_len - n)
+        if isinstance(self.drafter, DraftModel):
+            room = min(room, self.drafter.max_len - n)
+        return max(0, min(s.gamma, room))
+
+    def _draft(self, work: list[tuple[_Seq, int]]) -> dict[int, tuple[list[int], list]]:
+        """request id -> (draft tokens, the distributions they were drawn from)."""
+        if isinstance(self.drafter, PromptLookup):
+            return {s.rid: (d, [None] * len(d)) for s, g in work if (d := self.drafter.propose(s.tokens, g))}
+        if not work:
+            return {}
+        forks = [fork_picker(s.picker) for s, _ in work]
+
+        def choose(i, logits):
+            tok, q = draft_choice(forks[i], logits)
+            forks[i].accept(tok)
+            return tok, q
+
+        return {s.rid: r for (s, _), r in zip(work, self.drafter.propose(work, choose))}
+
+    def _verify(self, s: _Seq, logits: torch.Tensor, drafts: list[int], qs: list, events: list[Event]) -> None:
+        """Walk slot s's positions (logits (1 + gamma, V)): emit accepted drafts, then the target's token."""
+        n = len(s.tokens)
+        accepted = 0
+        lp = torch.log_softmax(logits, dim=-1) if s.req.logprobs is not None else None
+        for i in range(len(drafts) + 1):
+            draft = drafts[i] if i < len(drafts) else None
+            tok, ok = verify_token(logits[i:i + 1], s.picker, draft, qs[i] if i < len(drafts) else None)
+            s.cached = n + i  # the last token and the i drafts accepted so far are valid in the cache
+            logprob = top = None
+            if lp is not None:
+                logprob = float(lp[i, tok])
+                if s.req.logprobs > 0:
+                    v, j = torch.topk(lp[i], s.req.logprobs)
+                    top = list(zip(j.tolist(), v.tolist()))
+            self._advance(s, tok, logprob, top, events)
+            accepted += ok
+            if not ok or s not in self.active:
+                break
+        self.stats["draft_tokens"] += len(drafts)
+        self.stats["draft_accepted"] += accepted
+        if s in self.active:
+            self.cache.truncate(s.row, s.cached)  # past the first rejection
+            if isinstance(self.drafter, DraftModel):
+                s.draft_cached = min(s.draft_cached, s.cached)
+                self.drafter.truncate(s.row, s.draft_cached)
+            if self.draft_tokens is None:
+                s.gamma = next_gamma(s.gamma, len(drafts), accepted)
 
     def _prefill(self, s: _Seq, rows: list, logits: list, events: list[Event]) -> None:
         """Prefill s's whole prompt with every position's logits: its prompt logprobs, then its first token."""
@@ -392,6 +491,8 @@ class Engine:
             self.row_seq[row] = s
             self.row_tokens[row] = []
             self.cache.truncate(row, reuse)
+            if isinstance(self.drafter, DraftModel):  # the draft re-reads the prompt (it is cheap)
+                self.drafter.truncate(row, 0)
             self.active.append(s)
             self.stats["prompt_tokens"] += len(prompt)
             self.stats["cached_prompt_tokens"] += reuse
@@ -405,6 +506,8 @@ class Engine:
 
     def _swap(self, a: int, b: int) -> None:
         self.cache.swap_rows(a, b)
+        if isinstance(self.drafter, DraftModel):
+            self.drafter.cache.swap_rows(a, b)
         self.row_seq[a], self.row_seq[b] = self.row_seq[b], self.row_seq[a]
         self.row_tokens[a], self.row_tokens[b] = self.row_tokens[b], self.row_tokens[a]
         for r in (a, b):
@@ -484,6 +587,9 @@ def stream_ids(
     *,
     decode: Callable[[list[int]], str] | None = None,
     precision: str | None = None,
+    draft=None,
+    draft_tokens: int | None = None,
+    stats: dict | None = None,
 ) -> Iterator[Event]:
     """Generate for a batch of prompts, yielding an `Event` per new token as it is produced.
 
@@ -500,6 +606,11 @@ def stream_ids(
         config: the GenerationConfig; `config.eos_ids` must be set here (None means no EOS).
         decode: ids -> text, needed for `config.stop` and to fill `Event.text`.
         precision: None/"fp32", or an `lmsmith.precision` policy ("auto", "bf16", "fp16") for autocast.
+        draft: speculative decoding with this draft model (same vocabulary) or "prompt-lookup";
+            draft_tokens: tokens drafted per step (None: adaptive). Greedy output is unchanged;
+            sampling keeps the target's distribution.
+        stats: a dict that receives the engine's counters at the end (generated_tokens, decode_steps,
+            draft_tokens, draft_accepted, ...).
 
     Yields:
         Events in step order; after a row's last token one Event(row, None, text, finish_reason).
@@ -514,12 +625,17 @@ def stream_ids(
     rows = [p for p in prompts for _ in range(n)]
     longest = max(len(p) + min(config.max_new_tokens, context - len(p)) for p in rows)
     engine = Engine(model, max_batch=len(rows), max_len=max(1, longest), decode=decode, precision=precision,
-                    prefill_chunk=sum(len(p) for p in rows))  # offline: prefill everything in the first step
+                    prefill_chunk=sum(len(p) for p in rows),  # offline: prefill everything in the first step
+                    draft=draft, draft_tokens=draft_tokens)
     for r, p in enumerate(rows):
         seed = None if config.seed is None else config.seed + r
         engine.submit(Request(p, config.replace(num_return_sequences=1, seed=seed)))
-    while engine.busy:
-        yield from engine.step()
+    try:
+        while engine.busy:
+            yield from engine.step()
+    finally:
+        if stats is not None:
+            stats.update(engine.stats)
 
 
 def generate_ids(
@@ -529,6 +645,9 @@ def generate_ids(
     *,
     decode: Callable[[list[int]], str] | None = None,
     precision: str | None = None,
+    draft=None,
+    draft_tokens: int | None = None,
+    stats: dict | None = None,
 ) -> list[Completion]:
     """Generate for a batch of prompts (lists of ids); return every completion, prompt-major.
 
@@ -542,6 +661,7 @@ def generate_ids(
         config: GenerationConfig (greedy, 64 new tokens by default); `eos_ids` None = no EOS.
         decode: optional ids -> text callback.
         precision: None/"fp32" or an `lmsmith.precision` policy for autocast.
+        draft, draft_tokens, stats: speculative decoding, as in `stream_ids` (not for beam search).
 
     Returns:
         B * num_return_sequences `Completion`s.
@@ -552,11 +672,14 @@ def generate_ids(
 
         if config.stop and decode is None:
             raise LmsmithError("stop strings need a decode callback (ids -> text); pass decode=tokenizer.decode")
+        if draft is not None:
+            raise LmsmithError("speculative decoding (a draft) works with greedy and sampling, not beam search")
         return beam_search(model, prompts, config, decode=decode, precision=precision)
     ids: dict[int, list[int]] = {}
     reasons: dict[int, str] = {}
     texts: dict[int, list[str]] = {}
-    for ev in stream_ids(model, prompts, config, decode=decode, precision=precision):
+    for ev in stream_ids(model, prompts, config, decode=decode, precision=precision, draft=draft,
+                         draft_tokens=draft_tokens, stats=stats):
         if ev.token is not None:
             ids.setdefault(ev.row, []).append(ev.token)
         if ev.text:

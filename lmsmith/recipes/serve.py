@@ -21,7 +21,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p) -> None:
-    from .generate import add_packed_argument
+    from .generate import add_draft_arguments, add_packed_argument
 
     p.add_argument("model", help="model directory, .gguf file or int8 directory")
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
@@ -41,6 +41,7 @@ def add_arguments(p) -> None:
                    help="compute precision policy (default: fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     add_packed_argument(p)
+    add_draft_arguments(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (default: warning; info logs every request)")
 
@@ -66,7 +67,7 @@ def run(args) -> int:
     from ..memory import human_bytes
     from ..serve.app import Served, create_app
     from ..serve.worker import Worker
-    from .generate import load_for_generation, precision_of
+    from .generate import load_draft, load_for_generation, precision_of
 
     check_args(args)
     api_key = args.api_key or os.environ.get("LMSMITH_API_KEY") or None
@@ -76,7 +77,8 @@ def run(args) -> int:
     model, tokenizer = load_for_generation(args)
     context = model.config.max_seq_len
     engine = Engine(model, max_batch=args.max_batch, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                    precision=precision_of(args), prefill_chunk=args.prefill_chunk)
+                    precision=precision_of(args), prefill_chunk=args.prefill_chunk,
+                    draft=load_draft(args, model, tokenizer), draft_tokens=args.draft_tokens)
     kv = engine.cache.k.numel() * engine.cache.k.element_size() * 2
     worker = Worker(engine, max_queue=args.max_queue)
     name = args.model_name or args.model
