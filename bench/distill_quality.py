@@ -3,7 +3,10 @@ on the same tokens for the same steps: cross-entropy only, and each distillation
 the teacher's top-K cache). Every student is scored on the same held-out batches (the teacher's
 validation shards): perplexity, KL to the teacher, wall time of its training.
 
-    python bench/distill_quality.py [--teacher-time 10m] [--steps 300] [--work /tmp/distill-bench]
+    python bench/distill_quality.py [--teacher-time 10m] [--steps 150] [--work /tmp/lmsmith-distill-bench] [--reuse]
+
+--reuse keeps the teacher and every student already trained in the work folder (their recorded times)
+and trains only the missing ones.
 
 Target (issue 14): the best distilled student's held-out perplexity at most 0.95x the CE-only student's.
 Run it alone on the machine: two torch processes on 2 cores slow each other 10x.
@@ -44,7 +47,8 @@ def score(student_dir: Path, teacher, shards, batches: int) -> tuple[float, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher-time", default="10m", help="the teacher's pretraining budget")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps of every student (16 x 256 tokens)")
+    ap.add_argument("--steps", type=int, default=150, help="optimizer steps of every student (16 x 256 tokens)")
+    ap.add_argument("--reuse", action="store_true", help="keep students already trained in --work")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--eval-batches", type=int, default=20)
     ap.add_argument("--work", default="/tmp/lmsmith-distill-bench")
@@ -57,20 +61,21 @@ def main() -> None:
                 "--overwrite", "--no-progress", "--eval-every", "0")
     common = ["--teacher", str(teacher_dir), "--student", "tiny", "--max-steps", str(a.steps),
               "--eval-every", "0", "--save-every", "0", "--no-progress", "--overwrite"]
-    runs = [("cross-entropy only", ["--alpha", "0"]), ("fkl (online)", ["--loss", "fkl"]),
-            ("rkl (online)", ["--loss", "rkl"]), ("jsd beta=0.5 (online)", ["--loss", "jsd"])]
-    times = {}
-    for name, extra in runs:
-        print(f"student: {name} ...", flush=True)
-        times[name] = lmsmith("distill", *common, "--out", str(work / _slug(name)), *extra)
-    name = f"fkl (top-{a.top_k} cache)"
-    print(f"student: {name} ...", flush=True)
     cache = work / "cache"
-    t_cache = lmsmith("distill", "cache", "--teacher", str(teacher_dir), "--top-k", str(a.top_k), "--tokens",
-                      str(a.steps * 16 * 256), "--out", str(cache), "--overwrite")
     cached = [c for c in common if c not in ("--teacher", str(teacher_dir))]
-    times[name] = lmsmith("distill", *cached, "--teacher-cache", str(cache), "--out", str(work / _slug(name)))
-    runs.append((name, []))
+    runs = [("cross-entropy only", common + ["--alpha", "0"]), ("fkl (online)", common + ["--loss", "fkl"]),
+            ("rkl (online)", common + ["--loss", "rkl"]), ("jsd beta=0.5 (online)", common + ["--loss", "jsd"]),
+            ("fkl, 25% on-policy", common + ["--loss", "fkl", "--on-policy", "0.25"]),
+            (f"fkl (top-{a.top_k} cache)", cached + ["--teacher-cache", str(cache)])]
+    times = {}
+    t_cache = _timed(work / "cache.seconds", a.reuse and (cache / "manifest.json").exists(), lambda: lmsmith(
+        "distill", "cache", "--teacher", str(teacher_dir), "--top-k", str(a.top_k), "--tokens",
+        str(a.steps * 16 * 256), "--out", str(cache), "--overwrite"))
+    for name, args in runs:
+        out = work / _slug(name)
+        print(f"student: {name} ...", flush=True)
+        times[name] = _timed(out / "seconds", a.reuse and (out / "final").exists(),
+                             lambda args=args, out=out: lmsmith("distill", *args, "--out", str(out)))
 
     from lmsmith.data import TokenShards
     from lmsmith.loader import load
@@ -90,6 +95,16 @@ def main() -> None:
     print(f"| (the teacher) | {t_ppl:.2f} | {t_ppl / base:.3f}x | 0 | |")
     best = min(ppl for n, (ppl, _) in rows.items() if n != "cross-entropy only")
     print(f"\nbest distilled / CE-only perplexity: {best / base:.3f}x (target <= 0.95x)")
+
+
+def _timed(record: Path, reuse: bool, fn) -> float:
+    """fn()'s wall time, recorded in `record`; with `reuse`, the recorded time of an earlier run."""
+    if reuse and record.exists():
+        return float(record.read_text())
+    seconds = fn()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"{seconds}\n")
+    return seconds
 
 
 def _slug(name: str) -> str:

@@ -92,7 +92,7 @@ def test_chunked_loss_and_gradients_equal_one_chunk(monkeypatch):
         spec = D.DistillSpec("jsd", 1.5, 0.3, 0.8)
         loss = student(ids, labels=D.DistillTargets(labels, spec, teacher_hidden=th, teacher_head=teacher.lm_head))
         loss.backward()
-        return float(loss), {n: p.grad.clone() for n, p in student.named_parameters()}
+        return float(loss.detach()), {n: p.grad.clone() for n, p in student.named_parameters()}
 
     one, grads_one = run(1 << 30)
     many, grads_many = run(64 * 5)  # chunks of 5 positions
@@ -238,3 +238,46 @@ def test_lora_distillation_writes_a_peft_adapter(teacher, tmp_path):
                  "--eval-every", "0", "--save-every", "0", *COMMON]) == 0
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 2
+
+
+def test_on_policy_rows_are_the_students_samples_with_targets_on_them_only():
+    cfg = ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=32)
+    student = build_model(cfg, seed=0)
+    ids = torch.randint(0, 40, (4, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.roll(-1, 1)}
+    new = D.on_policy_batch(student, batch, 0.5)
+    assert torch.equal(new["input_ids"][2:], ids[2:]) and torch.equal(new["labels"][2:], batch["labels"][2:])
+    for r in range(2):
+        assert torch.equal(new["input_ids"][r, :8], ids[r, :8])  # the prompt: the row's first half
+        assert (new["labels"][r, :7] == -100).all() and (new["labels"][r, 7:] != -100).all()
+        assert torch.equal(new["labels"][r, 7:-1], new["input_ids"][r, 8:])  # shifted: the samples
+    assert not torch.equal(new["input_ids"][:2], ids[:2])
+    again = D.on_policy_batch(student, batch, 0.5)  # seeded by the batch: a resume draws the same
+    assert torch.equal(again["input_ids"], new["input_ids"])
+    # Instruction rows keep their prompt (the tokens before the first target).
+    labels = batch["labels"].clone()
+    labels[:, :5] = -100
+    inst = D.on_policy_batch(student, {"input_ids": ids, "labels": labels}, 0.25)
+    assert torch.equal(inst["input_ids"][0, :6], ids[0, :6]) and (inst["labels"][0, :5] == -100).all()
+    with pytest.raises(Exception, match="teacher"):
+        D.distill_objective(D.DistillSpec(), None, on_policy=0.5)
+
+
+def test_on_policy_distillation_trains_from_the_cli(teacher, tmp_path, capsys):
+    out = tmp_path / "gkd"
+    assert main(_student_args(teacher, out, "--on-policy", "0.5", "--max-steps", "4", "--eval-every", "4",
+                              "--save-every", "0")) == 0
+    assert "50% of each batch sampled by the student" in capsys.readouterr().out
+    assert [r for r in _rows(out) if "val_kl" in r]
+
+
+def test_baseline_trains_the_same_student_without_the_teacher_and_compares(teacher, tmp_path, capsys):
+    out = tmp_path / "kd"
+    assert main(_student_args(teacher, out, "--max-steps", "30", "--eval-every", "30", "--save-every", "0",
+                              "--baseline")) == 0
+    text = capsys.readouterr().out
+    assert "Distilled vs without the teacher" in text
+    base = [r for r in _rows(out / "baseline") if "val_kl" in r][-1]
+    kd = [r for r in _rows(out) if "val_kl" in r][-1]
+    assert base["step"] == kd["step"] == 30 and kd["val_kl"] < base["val_kl"]
+    assert (out / "baseline" / "final" / "model.safetensors").exists()

@@ -154,6 +154,45 @@ def test_pretrain_cli_under_torchrun_equals_one_process(tmp_path, layout):
     assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("layout", [["--dp-shard", "2"], ["--dp-replicate", "2", "--dp-shard", "1"]],
+                         ids=["fsdp", "ddp"])
+def test_distill_cli_under_torchrun_equals_one_process(tmp_path, layout):
+    """The teacher whole on every rank, the student sharded (FSDP) or replicated (DDP): the distillation
+    losses, the validation KL and the student's perplexity equal one process's."""
+    import json as json_module
+
+    from lmsmith.checkpoint import save
+    from lmsmith.config import ModelConfig
+    from lmsmith.model import build_model
+    from lmsmith.tokenizer import Tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in Path(json_module.__file__).parent.glob("*.py"):
+        shutil.copy(f, src / f.name)
+    tok = Tokenizer.train([f.read_text() for f in src.glob("*.py")], vocab_size=300, show_progress=False)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                      max_seq_len=64, tie_embeddings=True)
+    save(build_model(cfg, seed=3), tok, tmp_path / "teacher")
+    args = ["distill", "--teacher", str(tmp_path / "teacher"), "--student", "nano", "--model", "dim=48,n_layers=1",
+            "--source", f"code={src}", "--max-steps", "4", "--batch-size", "4", "--seq-len", "64", "--log-every", "1",
+            "--eval-every", "2", "--eval-batches", "3", "--dtype", "fp32", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "alone")]) == 0
+    _launch(2, *args, "--out", str(tmp_path / "two"), *layout, module=True)
+
+    def rows(run):
+        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r or "val_loss" in r]
+
+    a, b = rows(tmp_path / "alone"), rows(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] and any("val_kl" in r for r in a)
+    for x, y in zip(a, b):
+        for key in ("loss", "val_loss", "val_kl", "val_ppl"):
+            if key in x:
+                assert abs(x[key] - y[key]) < 1e-5 * max(1.0, abs(x[key])), (key, x, y)
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--dp-shard", "2"], "needs several processes"),
     (["--tp", "3"], "needs several processes"),

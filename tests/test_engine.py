@@ -287,16 +287,18 @@ def test_json_mode_output_is_one_json_object():
     bias[chars.index("}")], bias[chars.index(" ")] = -4.0, -8.0
     m = _Biased(_model(scale=1.0), bias)
     decode = lambda ids: "".join(chars[t] if t < len(chars) else "\ufffd" for t in ids)  # noqa: E731
-    texts = []
-    for config in (GenerationConfig(max_new_tokens=40), GenerationConfig(strategy="sample", seed=5, max_new_tokens=30),
-                   GenerationConfig(max_new_tokens=9)):
-        engine = Engine(m, max_batch=2, decode=decode)
-        events = next(iter(_run(engine, [Request(_prompt(4, 1), config, json_object=True)]).values()))
-        text = decode(_tokens(events))
-        assert isinstance(json.loads(text), dict) and json.loads(text), text  # an object with members
-        assert events[-1].finish_reason == "stop" and len(_tokens(events)) <= config.max_new_tokens
-        texts.append(text)
-    assert len(set(texts)) == 3
+    for draft in (None, "prompt-lookup"):  # a speculative engine leaves JSON requests undrafted
+        texts = []
+        for config in (GenerationConfig(max_new_tokens=40), GenerationConfig(strategy="sample", seed=5,
+                                                                               max_new_tokens=30),
+                       GenerationConfig(max_new_tokens=9)):
+            engine = Engine(m, max_batch=2, decode=decode, draft=draft)
+            events = next(iter(_run(engine, [Request(_prompt(4, 1), config, json_object=True)]).values()))
+            text = decode(_tokens(events))
+            assert isinstance(json.loads(text), dict) and json.loads(text), text  # an object with members
+            assert events[-1].finish_reason == "stop" and len(_tokens(events)) <= config.max_new_tokens
+            texts.append(text)
+        assert len(set(texts)) == 3
 
 
 def test_a_request_that_fails_fails_alone(model):

@@ -210,6 +210,22 @@ def test_generate_cli_with_a_draft_prints_the_same_text_and_the_acceptance(model
     assert "no such model" in capsys.readouterr().err
 
 
+def test_chat_with_a_draft_replies_as_without(model_dirs, capsys, monkeypatch):
+    import io
+
+    from lmsmith.cli import main
+
+    target_dir, draft_dir = model_dirs
+    replies = []
+    for extra in ([], ["--draft", str(draft_dir)], ["--draft", "prompt-lookup", "--draft-tokens", "3"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand then?\n/exit\n"))
+        assert main(["chat", str(target_dir), "--max-new-tokens", "12", *extra]) == 0
+        out = capsys.readouterr()
+        replies.append(out.out)
+        assert ("accepted" in out.err) == bool(extra)
+    assert replies[0] == replies[1] == replies[2]
+
+
 def test_serve_with_a_draft_answers_as_without(model_dirs):
     pytest.importorskip("openai")
     from test_serve import Server

@@ -351,6 +351,10 @@ class Engine:
     def _verify(self, s: _Seq, logits: torch.Tensor, drafts: list[int], qs: list, events: list[Event]) -> None:
         """Walk slot s's positions (logits (1 + gamma, V)): emit accepted drafts, then the target's token."""
         n = len(s.tokens)
+        if not drafts:  # nothing drafted (JSON mode, no lookup match, no room): the ordinary choice
+            s.cached = n
+            self._choose([s], logits[:1], events)
+            return
         accepted = 0
         lp = torch.log_softmax(logits, dim=-1) if s.req.logprobs is not None else None
         for i in range(len(drafts) + 1):

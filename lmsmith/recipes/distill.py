@@ -62,6 +62,8 @@ DEFAULTS: dict[str, typing.Any] = {
     "temperature": 1.0,
     "beta": 0.5,
     "alpha": 1.0,
+    "on_policy": 0.0,
+    "baseline": False,
     "method": "full",
     "lora_r": 8,
     "lora_alpha": 16.0,
@@ -111,6 +113,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, help="jsd's interpolation: 0 = forward KL, 1 = reverse KL (default: 0.5)")
     g.add_argument("--alpha", type=float, help="weight of the distillation term; 1 - alpha weighs the "
                                                "cross-entropy on the true tokens (default: 1; 0 = no teacher)")
+    g.add_argument("--on-policy", type=float, metavar="FRACTION",
+                   help="this fraction of every batch is the student's own samples (prompt: a row's first half, or "
+                        "its instruction), scored by the teacher: on-policy distillation (GKD; default: 0)")
+    g.add_argument("--baseline", action="store_true", default=None,
+                   help="then train the same student on the true tokens only (--alpha 0: same steps, data, seed) in "
+                        "OUT/baseline and compare the two on validation data")
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="DIR|FILE", help="token shards (`lmsmith data prepare`) or instruction data "
                                                       "(.jsonl / .json: responses only)")
@@ -206,7 +214,7 @@ def _run(args: argparse.Namespace, ranks) -> int:
                                    "--teacher-cache": opts["teacher_cache"]})
         save_options(out, opts, path_keys=("teacher", "data", "teacher_cache"))
     ranks.barrier()
-    batches, eval_batches, data_desc, seq_len = _data(opts, out, tokenizer, cache, ranks)
+    batches, eval_batches, data_desc, seq_len, data_ref = _data(opts, out, tokenizer, cache, ranks)
     student, student_desc, trainable, lora_cfg = _student(opts, teacher, tokenizer, seq_len, cache)
     ranks.layout.check_model(student.config)
 
@@ -221,16 +229,66 @@ def _run(args: argparse.Namespace, ranks) -> int:
     train_opts.update(max_steps=max_steps, warmup_steps=min(warmup, max(max_steps - 1, 0)), lr=lr,
                       time_budget=budget, sample_every=0)
     config = TrainConfig(**train_opts)
-    objective = distill_objective(spec, teacher)
+    if opts["on_policy"] and ranks.distributed:
+        raise LmsmithError("--on-policy samples on one process; run it without torchrun (or with --on-policy 0)")
+    objective = distill_objective(spec, teacher, on_policy=float(opts["on_policy"]))
     who = f"teacher cache {opts['teacher_cache']} (top-{cache.top_k})" if cache else f"teacher {opts['teacher']}"
     print(f"lmsmith distill: {who} -> student {student_desc}; {spec.loss} at T={spec.temperature:g}, "
-          f"alpha {spec.alpha:g}; {data_desc}; {describe_policy(config.dtype)}; run folder {out}")
+          f"alpha {spec.alpha:g}{on_policy_desc(opts)}; {data_desc}; {describe_policy(config.dtype)}; run folder {out}")
     result = train(student, batches, objective, config, out_dir=out, tokenizer=tokenizer,
                    eval_batches=eval_batches, resume=bool(opts["resume"]),
                    trainable_params=trainable, ranks=ranks)
     written = _save(opts, out, student, tokenizer, lora_cfg, result, ranks)
     print("\n" + _summary(opts, out, result, written, t_start, student_desc))
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        return 130
+    if opts["baseline"] and not ranks.distributed:
+        return _baseline(args, opts, out, result.steps, data_ref)
+    return 0
+
+
+def _baseline(args: argparse.Namespace, opts: dict, out: Path, steps: int, data_ref: str | None) -> int:
+    """--baseline: the same student, steps, data and seed on the true tokens only (alpha 0) in OUT/baseline,
+    then both students' validation perplexity and KL side by side."""
+    import copy
+
+    b = copy.copy(args)
+    for key, value in opts.items():  # the resolved options (flags, YAML, a resumed run's saved ones) as flags
+        if key in vars(b):
+            setattr(b, key, value)
+    where = out / "baseline"
+    b.out, b.alpha, b.max_steps, b.time, b.tokens = str(where), 0.0, steps, None, None
+    b.baseline, b.config, b.on_policy = False, None, 0.0
+    b.data = data_ref if data_ref else b.data
+    b.resume, b.overwrite = False, True
+    print(f"\n--baseline: the same student on the true tokens only, {steps:,} steps, in {where} ...")
+    rc = _run(b, _single_process())
+    if rc:
+        return rc
+    kd, ce = _last_eval(out), _last_eval(where)
+    if kd and ce and "val_ce" in kd and "val_ce" in ce:
+        ppl_kd, ppl_ce = math.exp(min(kd["val_ce"], 700)), math.exp(min(ce["val_ce"], 700))
+        print(f"\nDistilled vs without the teacher (same student, steps, data): perplexity {ppl_kd:.2f} vs "
+              f"{ppl_ce:.2f} ({ppl_kd / ppl_ce:.3f}x), KL to the teacher {kd['val_kl']:.4f} vs {ce['val_kl']:.4f}.")
+    return 0
+
+
+def _single_process():
+    from ..distributed.ranks import Ranks
+
+    return Ranks()
+
+
+def _last_eval(out: Path) -> dict | None:
+    import json
+
+    f = out / "metrics.jsonl"
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+    return next((r for r in reversed(rows) if "val_loss" in r), None)
+
+
+def on_policy_desc(opts: dict) -> str:
+    return f", {opts['on_policy']:.0%} of each batch sampled by the student" if opts["on_policy"] else ""
 
 
 def _student_kind(opts: dict) -> str:
@@ -267,6 +325,14 @@ def _open_cache(opts: dict, spec):
         raise LmsmithError(f"--teacher-cache {cache.path} holds the teacher at temperature {cache.temperature:g}, "
                            f"not --temperature {spec.temperature:g}; pass --temperature {cache.temperature:g} or "
                            "remake the cache with `lmsmith distill cache --temperature`")
+    made_by = cache.manifest.get("teacher_fingerprint")
+    if opts["teacher"] != DEFAULTS["teacher"] and Path(str(opts["teacher"])).exists() and made_by:
+        from ..data.teacher_cache import fingerprint
+
+        if fingerprint(opts["teacher"]) != made_by:
+            raise LmsmithError(f"--teacher-cache {cache.path} was made from {cache.manifest.get('teacher')}, not "
+                               f"--teacher {opts['teacher']} (its config or weights differ); remake the cache or "
+                               "drop --teacher")
     if opts["seq_len"] != DEFAULTS["seq_len"] and opts["seq_len"] != cache.seq_len:
         raise LmsmithError(f"--seq-len {opts['seq_len']}: the cache's windows hold {cache.seq_len} positions")
     opts["seq_len"] = cache.seq_len
@@ -343,7 +409,8 @@ def _student(opts: dict, teacher, tokenizer, seq_len: int, cache):
 
 
 def _data(opts: dict, out: Path, tokenizer, cache, ranks):
-    """(training batches, eval_batches callable or None, description, seq_len)."""
+    """(training batches, eval_batches callable or None, description, seq_len, the --data that gives the
+    same data again: a shard folder or instruction file, None for a cache)."""
     B, T = int(opts["batch_size"]), int(opts["seq_len"])
     if cache is not None:
         def cached_eval():
@@ -351,10 +418,10 @@ def _data(opts: dict, out: Path, tokenizer, cache, ranks):
 
         has_val = cache.windows("validation") > 0
         return (cache.batches("train", B, seed=int(opts["seed"])), cached_eval if has_val else None,
-                f"{cache.windows('train'):,} cached windows of {cache.seq_len}", cache.seq_len)
+                f"{cache.windows('train'):,} cached windows of {cache.seq_len}", cache.seq_len, None)
     data = opts["data"]
     if data and Path(data).is_file():
-        return (*_instruction_data(opts, tokenizer), min(T, _context(opts)))
+        return (*_instruction_data(opts, tokenizer), min(T, _context(opts)), data)
     shards = _shards(opts, out, tokenizer, ranks)
     from ..data import MixtureBatches, sequential_batches
 
@@ -364,7 +431,7 @@ def _data(opts: dict, out: Path, tokenizer, cache, ranks):
 
     has_val = any(shards.tokens(s, "validation") > T for s in shards.sources)
     return (MixtureBatches(shards, "train", batch_size=B, seq_len=T, seed=int(opts["seed"])),
-            eval_batches if has_val else None, f"shards {shards.path} (every position)", T)
+            eval_batches if has_val else None, f"shards {shards.path} (every position)", T, str(shards.path))
 
 
 def _context(opts: dict) -> int:
@@ -436,11 +503,7 @@ def _save(opts: dict, out: Path, student, tokenizer, lora_cfg, result, ranks) ->
 
 
 def _summary(opts: dict, out: Path, result, written: list[Path], t_start: float, student_desc: str) -> str:
-    import json
-
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-        if (out / "metrics.jsonl").exists() else []
-    last = next((r for r in reversed(rows) if "val_loss" in r), None)
+    last = _last_eval(out)
     lines = [f"Distilled into {student_desc}: {result.steps:,} steps ({result.tokens:,} tokens) in "
              f"{(time.time() - t_start) / 60:.1f} min."]
     if last is not None and "val_ce" in last:

@@ -182,20 +182,69 @@ def _buckets(ls: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, rest: torc
     return torch.cat([ls_k, ls_rest], 1), torch.cat([lt_k, rest.float()[:, None]], 1)
 
 
-def distill_objective(spec: DistillSpec, teacher: torch.nn.Module | None = None):
+def on_policy_batch(student, batch: dict, fraction: float) -> dict:
+    """The batch with its first round(fraction * B) rows replaced by the student's own samples.
+
+    A row keeps its prompt (the tokens before its first target: instruction data), or the first half of
+    its tokens (token shards, where every position is a target); the student continues it by sampling
+    (temperature 1) to the row's length, and only the sampled tokens are targets. The teacher then scores
+    the sequences the student actually produces (generalised knowledge distillation, Agarwal et al.,
+    2024). The seed comes from the batch's tokens, so a resumed run draws the same samples.
+
+    Args:
+        batch: {"input_ids": (B, T), "labels": (B, T)}.
+    """
+    from ..decoding.config import GenerationConfig
+    from ..decoding.engine import generate_ids
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    B, T = ids.shape
+    n = round(fraction * B)
+    if n == 0 or T < 2:
+        return batch
+    prompts = []
+    for r in range(n):
+        first = int((labels[r] != IGNORE_INDEX).nonzero()[0]) if (labels[r] != IGNORE_INDEX).any() else 0
+        prompts.append(ids[r, :first + 1 if first > 0 else T // 2].tolist())
+    seed = int(ids[:n].sum()) * 1_000_003 % (1 << 31)
+    longest = T + 1 - min(len(p) for p in prompts)
+    config = GenerationConfig(strategy="sample", temperature=1.0, max_new_tokens=longest, seed=seed, eos_ids=None)
+    was_training = student.training
+    student.eval()
+    try:
+        comps = generate_ids(student, prompts, config)
+    finally:
+        student.train(was_training)
+    ids, labels = ids.clone(), labels.clone()
+    for r, (p, c) in enumerate(zip(prompts, comps)):
+        seq = (p + c.ids)[:T + 1]  # prompt + samples (shorter only at the student's context limit)
+        ids[r, :len(seq) - 1] = torch.tensor(seq[:-1], dtype=ids.dtype)
+        labels[r] = IGNORE_INDEX
+        labels[r, len(p) - 1:len(seq) - 1] = torch.tensor(seq[len(p):], dtype=labels.dtype)  # the samples only
+    return {**batch, "input_ids": ids, "labels": labels}
+
+
+def distill_objective(spec: DistillSpec, teacher: torch.nn.Module | None = None, on_policy: float = 0.0):
     """The loop's objective `(student, batch) -> (loss_sum, metrics, n)` for distillation.
 
     With `teacher`, it runs on every batch without gradients (under the loop's autocast); without,
     the batch carries the cached top-K: `teacher_ids` (B, T, K), `teacher_logp` (B, T, K),
     `teacher_rest` (B, T). Metrics: `ce` and `kl` per target token; evaluation reports exp(ce) as
-    the student's perplexity.
+    the student's perplexity. `on_policy`: that fraction of every training batch is the student's own
+    samples (`on_policy_batch`; needs the teacher; evaluation stays on the data).
     """
+    if on_policy and teacher is None:
+        raise LmsmithError("--on-policy needs the teacher to score the student's samples, not a teacher cache")
+    if not 0 <= on_policy <= 1:
+        raise LmsmithError(f"--on-policy {on_policy}: must be a fraction in [0, 1]")
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
 
     def objective(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
+        if on_policy and model.training:
+            batch = on_policy_batch(model, batch, on_policy)
         labels = batch["labels"]
         if teacher is not None:
             with torch.no_grad():
