@@ -243,6 +243,11 @@ def test_serve_with_a_draft_answers_as_without(model_dirs):
         for prompt in ("The cat sat on the", "def"):
             r = c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
             assert r.choices[0].text == generate(model, tok, prompt, max_new_tokens=12)
+        from test_serve import KEY, _http
+
+        status, _, body = _http("GET", f"{s.url}/metrics", key=KEY)
+        counters = dict(line.split() for line in body.decode().splitlines() if line.startswith("lmsmith_draft"))
+        assert status == 200 and int(counters["lmsmith_draft_tokens_total"]) > 0
     finally:
         code, err = s.stop()
     assert "Traceback" not in err

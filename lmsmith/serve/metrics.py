@@ -17,6 +17,9 @@ COUNTERS = (
     ("lmsmith_generation_tokens_total", "generated_tokens", "Tokens generated."),
     ("lmsmith_decode_steps_total", "decode_steps", "Batched decode forwards."),
     ("lmsmith_decode_rows_total", "decode_rows", "Rows of all decode forwards (/ steps = the average batch)."),
+    ("lmsmith_draft_tokens_total", "draft_tokens", "Tokens proposed by the draft (speculative decoding, --draft)."),
+    ("lmsmith_draft_accepted_tokens_total", "draft_accepted",
+     "Draft tokens the model accepted (/ draft tokens = the acceptance rate)."),
 )
 
 
