@@ -251,3 +251,13 @@ def test_serve_with_a_draft_answers_as_without(model_dirs):
     finally:
         code, err = s.stop()
     assert "Traceback" not in err
+
+
+def test_prompt_lookup_copies_what_followed_the_last_ngram():
+    from lmsmith.decoding.speculative import PromptLookup
+
+    look = PromptLookup(max_ngram=3)
+    assert look.propose([5, 6, 7, 8, 9, 1, 5, 6, 7], 3) == [8, 9, 1]  # the 3-gram 5 6 7 seen before
+    assert look.propose([4, 4, 4, 4, 4], 3) == [4, 4]  # a run: the occurrence with the most after it
+    assert look.propose([1, 2, 3], 4) == []  # nothing repeats
+    assert look.propose([1, 2, 9, 2, 7, 2], 2) == [7, 2]  # the latest occurrence that has k tokens after

@@ -37,9 +37,9 @@ START_GAMMA = 4
 
 
 class PromptLookup:
-    """Drafts from the sequence itself (prompt + output): find the latest earlier occurrence of the
-    last n tokens (n = max_ngram down to 1) and propose the tokens that followed it. No model, no cache:
-    pays off when the output repeats the prompt (editing, extraction, code)."""
+    """Drafts from the sequence itself (prompt + output): find an earlier occurrence of the last n tokens
+    (n = max_ngram down to 1) and propose the tokens that followed it. No model, no cache: pays off when
+    the output repeats the prompt or itself (editing, extraction, code)."""
 
     name = "prompt-lookup"
 
@@ -47,15 +47,20 @@ class PromptLookup:
         self.max_ngram = max_ngram
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """At most k tokens to follow `tokens` (possibly none)."""
+        """At most k tokens to follow `tokens` (possibly none): after the latest earlier occurrence of the
+        longest matching tail that is followed by k tokens, else the occurrence followed by the most."""
         n_tok = len(tokens)
         for n in range(min(self.max_ngram, n_tok - 1), 0, -1):
-            tail = tokens[n_tok - n:]
-            for start in range(n_tok - n - 1, -1, -1):  # the latest earlier occurrence
+            tail, best = tokens[n_tok - n:], []
+            for start in range(n_tok - n - 1, -1, -1):  # latest first: the nearest context
                 if tokens[start:start + n] == tail:
                     follow = tokens[start + n:start + n + k]
-                    if follow:
-                        return follow
+                    if len(follow) > len(best):
+                        best = follow
+                    if len(best) == k:
+                        break
+            if best:
+                return best
         return []
 
 
