@@ -99,6 +99,8 @@ class Attention(nn.Module):
             return self.o_proj(y.transpose(1, 2).reshape(B, T, q.shape[1] * self.head_dim))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
+            # The cache keeps its own dtype; attention runs in the forward's (FSDP2 gathers bf16 weights).
+            k, v = k.to(q.dtype), v.to(q.dtype)
             # Rows that end in the same column: only the last `window` keys (a ragged mask has the window).
             if T == 1 and self.window is not None and not cache.ragged and k.shape[2] > self.window:
                 k, v = k[:, :, -self.window:], v[:, :, -self.window:]
@@ -129,8 +131,8 @@ def _packed_attention(step, layer: int, q, k, v, window: int | None, gqa: bool) 
         mask = None
         if n > 1 or (window is not None and window < S):
             mask = _causal_keep(n, S, window, q.device)
-        out.append(F.scaled_dot_product_attention(q[:, :, start:start + n], keys[None], values[None],
-                                                  attn_mask=mask, enable_gqa=gqa))
+        out.append(F.scaled_dot_product_attention(q[:, :, start:start + n], keys[None].to(q.dtype),
+                                                  values[None].to(q.dtype), attn_mask=mask, enable_gqa=gqa))
     return torch.cat(out, dim=2)
 
 

@@ -137,7 +137,7 @@ def test_pretrain_cli_under_torchrun_equals_one_process(tmp_path, layout):
         shutil.copy(f, src / f.name)
     args = ["pretrain", "--source", f"code={src}", "--vocab-size", "300", "--preset", "tiny", "--max-steps", "6",
             "--batch-size", "4", "--seq-len", "64", "--log-every", "1", "--eval-every", "3", "--eval-batches", "20",
-            "--no-progress"]  # 20 batches reach the validation split's short last batch (3 rows)
+            "--dtype", "fp32", "--no-progress"]  # 20 batches reach the validation split's short last batch (3 rows)
     assert main([*args, "--out", str(tmp_path / "alone")]) == 0
     proc = _launch(2, *args, "--out", str(tmp_path / "two"), *layout, module=True)
     assert proc.stdout.count("Trained tiny") == 1  # the summary comes from rank 0 only

@@ -318,3 +318,19 @@ def test_a_request_that_fails_fails_alone(model):
     assert _solo(model, b, _greedy(8))[2] != bad  # (so b itself decodes fine)
     assert _tokens(got[1]) == _solo(model, b, _greedy(8))
     assert _tokens(next(iter(_run(engine, [Request(b, _greedy(4))]).values()))) == _solo(model, b, _greedy(4))
+
+
+def test_a_forward_in_bf16_reads_an_fp32_cache():
+    """FSDP2 gathers bf16 weights into a model whose cache was made from its fp32 parameters: attention
+    runs in the forward's dtype, for the batched and the packed path, and matches an all-bf16 cache."""
+    from lmsmith.kvcache import PackedStep
+
+    m = _model().to(torch.bfloat16)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        same = m(ids, cache=m.make_cache(1, 16))[:, -1].float()
+        for cache in (m.make_cache(1, 16, dtype=torch.float32), m.make_cache(1, 16, dtype=torch.float32)):
+            got = m(ids, cache=cache)[:, -1].float()
+            torch.testing.assert_close(got, same, rtol=0.05, atol=0.05)
+        packed = m(torch.tensor([[6]]), cache=PackedStep(cache, [(0, 1)]), last_only=True)
+    assert packed.dtype == torch.bfloat16 and torch.isfinite(packed.float()).all()
