@@ -261,3 +261,18 @@ def test_prompt_lookup_copies_what_followed_the_last_ngram():
     assert look.propose([4, 4, 4, 4, 4], 3) == [4, 4]  # a run: the occurrence with the most after it
     assert look.propose([1, 2, 3], 4) == []  # nothing repeats
     assert look.propose([1, 2, 9, 2, 7, 2], 2) == [7, 2]  # the latest occurrence that has k tokens after
+
+
+def test_the_adaptive_schedule_grows_shrinks_and_pauses_a_failing_draft(target):
+    from lmsmith.decoding.speculative import MAX_GAMMA, PAUSE_STEPS, next_gamma
+
+    assert next_gamma(4, 4, 4) == 6 and next_gamma(MAX_GAMMA, MAX_GAMMA, MAX_GAMMA) == MAX_GAMMA
+    assert next_gamma(4, 4, 2) == 3 and next_gamma(2, 2, 0) == 1 and next_gamma(1, 1, 0) == -PAUSE_STEPS
+    assert next_gamma(3, 0, 0) == 3  # nothing proposed: unchanged
+    # An unrelated draft is nearly always rejected: it ends up drafting on few steps, and the text is unchanged.
+    config = GenerationConfig(max_new_tokens=60)
+    want = generate_ids(target, PROMPTS[:1], config)[0].ids
+    stats = {}
+    got = generate_ids(target, PROMPTS[:1], config, draft=_model(dim=32, layers=1, seed=5), stats=stats)[0].ids
+    assert got == want
+    assert stats["draft_tokens"] < 0.5 * stats["decode_steps"], stats

@@ -133,7 +133,7 @@ class _Seq:
         self.cached = 0  # how many of `tokens` the cache row holds
         self.out: list[int] = []
         self.row = -1
-        self.gamma = 0  # draft tokens to propose next (speculative decoding)
+        self.gamma = 0  # draft tokens to propose next (speculative decoding); < 0: steps left in a pause
         self.draft_cached = 0  # how many of `tokens` the draft model's cache row holds
 
     @property
@@ -327,6 +327,9 @@ class Engine:
             return 0
         if s.gamma == 0:
             s.gamma = self.draft_tokens or START_GAMMA
+        if s.gamma < 0:  # pausing after rejected drafts (the adaptive schedule): count down, then one token
+            s.gamma = s.gamma + 1 or 1
+            return 0
         n = len(s.tokens)
         room = min(s.budget - len(s.out) - 1, self.max_len - n)
         if isinstance(self.drafter, DraftModel):

@@ -19,7 +19,8 @@ q is the distribution the drafter drew from, built with the same processors from
 caches are then rolled back past the first rejection (`KVCache.truncate`).
 
 gamma per slot is adaptive unless fixed: +2 after a step whose drafts were all accepted, -1 otherwise
-(transformers' "heuristic" schedule), between 1 and `MAX_GAMMA`.
+(transformers' "heuristic" schedule), between 1 and `MAX_GAMMA`; a slot whose one-token draft is
+rejected stops drafting for `PAUSE_STEPS` steps, then tries again with one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from . import sampling
 
 MAX_GAMMA = 16
 START_GAMMA = 4
+# Steps without drafting after a rejected single-token draft (drafts that keep failing cost a verification each).
+PAUSE_STEPS = 8
 
 
 class PromptLookup:
@@ -178,7 +181,10 @@ def verify_token(scores: torch.Tensor, picker, draft: int | None, q: torch.Tenso
 
 
 def next_gamma(gamma: int, proposed: int, accepted: int) -> int:
-    """The adaptive schedule: grow after a fully accepted draft, shrink after a rejection."""
+    """The adaptive schedule: grow after a fully accepted draft, shrink after a rejection; a rejected
+    single-token draft pauses drafting for PAUSE_STEPS steps (returned as -PAUSE_STEPS)."""
     if proposed == 0:
         return gamma
-    return min(MAX_GAMMA, gamma + 2) if accepted == proposed else max(1, gamma - 1)
+    if accepted == proposed:
+        return min(MAX_GAMMA, gamma + 2)
+    return -PAUSE_STEPS if gamma == 1 and accepted == 0 else max(1, gamma - 1)
