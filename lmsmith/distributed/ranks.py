@@ -165,10 +165,16 @@ def init_ranks(layout: Layout, device: str | None = None, timeout_s: float = 180
     return Ranks(resolved, mesh, dev)
 
 
-def close_ranks(ranks: Ranks) -> None:
-    """Leave the process group (every rank, at the end of a run or on an error)."""
+def close_ranks(ranks: Ranks, finished: bool = False) -> None:
+    """Leave the process group (every rank, at the end of a run or on an error).
+
+    `finished`: the run ended normally on every rank; a barrier first, so no rank tears its connections
+    down while another still completes a collective (gloo then aborts the slower process: "terminate
+    called without an active exception")."""
     if ranks.distributed:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()

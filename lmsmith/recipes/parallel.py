@@ -62,5 +62,7 @@ def on_ranks(ranks):
 
     try:
         yield ranks
-    finally:
+    except BaseException:
         close_ranks(ranks)
+        raise
+    close_ranks(ranks, finished=True)
