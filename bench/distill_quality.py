@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_description
+
 
 def lmsmith(*args: str) -> float:
     t0 = time.perf_counter()
@@ -83,7 +85,7 @@ def main() -> None:
     teacher, _ = load(teacher_dir)
     shards = TokenShards(work / "teacher" / "data")
     print(f"\nsmall teacher -> tiny students, {a.steps} steps x 16 x 256 tokens each; held-out: "
-          f"{a.eval_batches} validation batches of the teacher's shards; CPU: {_cpu()}\n")
+          f"{a.eval_batches} validation batches of the teacher's shards; CPU: {cpu_description()}\n")
     print("| student | held-out perplexity | vs CE-only | KL to teacher (nats/token) | train time (s) |")
     print("|---|---|---|---|---|")
     rows = {name: score(work / _slug(name) / "final", teacher, shards, a.eval_batches) for name, _ in runs}
@@ -109,15 +111,6 @@ def _timed(record: Path, reuse: bool, fn) -> float:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
-
-
-def _cpu() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name"))
-        return f"{model}, {'AVX512-BF16' if 'avx512_bf16' in flags else 'AVX2 only (no AVX512-BF16)'}"
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from machine import cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_memory.py"
 
@@ -42,7 +44,7 @@ def main() -> None:
     ap.add_argument("--max-ranks", type=int, default=4)
     a = ap.parse_args()
     common = [f"preset={a.preset}", f"batch={a.batch}", f"seq={a.seq}", f"steps={a.steps}"]
-    print(f"{a.preset}, global batch {a.batch} x {a.seq}, fp32, {a.steps} steps; CPU: {_cpu()}\n")
+    print(f"{a.preset}, global batch {a.batch} x {a.seq}, fp32, {a.steps} steps; CPU: {cpu_description()}\n")
     print("FSDP2 memory per rank (weights + gradients + AdamW + activations), measured vs `lmsmith plan`:")
     print(f"  {'ranks':>5} {'measured':>10} {'predicted':>10} {'pred/meas':>10} {'state (plan)':>13}")
     one = None
@@ -62,16 +64,6 @@ def main() -> None:
                        ("FSDP2 (--dp-shard 2)", ["dp_shard=2"]), ("TP+SP (--tp 2)", ["tp=2", "dp_shard=1"])):
         r = launch(2, *common, *args)
         print(f"  {name:<28} {r['tokens_per_s']:>9,.0f} tok/s  {r['tokens_per_s'] / base:.2f}x")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        name = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        return f"{name}, {os.cpu_count()} cores, {'AVX512-BF16' if 'avx512_bf16' in text else 'AVX2 only'}"
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

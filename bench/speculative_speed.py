@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_description
 
 WORK = Path("/tmp/lmsmith-distill-bench")
 PROMPTS = ["def parse_args(argv):\n    ", "class Config:\n    def __init__(self",
@@ -70,7 +71,7 @@ def main() -> None:
     target, draft = use_decode_layout(target.eval()), use_decode_layout(draft.eval())
     t_step, d_step = step_seconds(target), step_seconds(draft)
     print(f"target {a.target} ({target.num_params() / 1e6:.1f}M), draft {a.draft} ({draft.num_params() / 1e6:.1f}M); "
-          f"{len(PROMPTS)} prompts x {a.max_new_tokens} tokens, batch 1, fp32; CPU: {_cpu()}")
+          f"{len(PROMPTS)} prompts x {a.max_new_tokens} tokens, batch 1, fp32; CPU: {cpu_description()}")
     print(f"one decode step: target {1e3 * t_step:.1f} ms, draft {1e3 * d_step:.1f} ms "
           f"(draft / target = {d_step / t_step:.2f})\n")
     print("| decoding | draft | tokens/s | vs target alone | acceptance | tokens per target forward |")
@@ -92,15 +93,6 @@ def main() -> None:
             per = st["generated_tokens"] / max(st["decode_steps"], 1)
             print(f"| {name} | {label} | {m / secs:.1f} | {(m / secs) / (n / t_ref):.2f}x | {rate:.0%} | {per:.2f} |")
     print("\ngreedy outputs with both drafts are token-identical to the target's (asserted)")
-
-
-def _cpu() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name"))
-        return f"{model}, {'AVX512-BF16' if 'avx512_bf16' in flags else 'AVX2 only (no AVX512-BF16)'}"
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":
