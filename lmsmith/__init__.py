@@ -6,11 +6,13 @@ from .decoding import GenerationConfig, generate, generate_ids, generate_stream,
 from .errors import LmsmithError
 from .loader import load
 from .model import KVCache, Transformer, build_model
+from .reward_model import RewardModel, score, score_batch
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GenerationConfig", "KVCache", "LmsmithError", "ModelConfig", "Tokenizer", "Transformer", "build_model",
-    "generate", "generate_ids", "generate_stream", "load", "next_token_probs", "preset", "read_config", "save",
+    "RewardModel", "generate", "generate_ids", "generate_stream", "load", "next_token_probs", "preset",
+    "read_config", "save", "score", "score_batch",
 ]

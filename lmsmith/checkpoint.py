@@ -227,7 +227,18 @@ def open_hf_dir(path: str | os.PathLike, *, with_tokenizer: bool = True):
         return Tokenizer.load(path)
 
     return WeightSource(path=path, where=CONFIG_NAME, config=cfg, shapes=shapes, read=read, tokenizer=tokenizer,
-                        files=dict(files))
+                        files=dict(files), head=_head_of(hf, path))
+
+
+def _head_of(hf: dict[str, Any], path: Path) -> str:
+    """"lm" for a causal LM, "score" for a one-label sequence classifier (a reward model)."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        return "lm"
+    labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)
+    if labels != 1:
+        raise LmsmithError(f"{path / CONFIG_NAME}: a sequence classifier with {labels} labels; lmsmith loads "
+                           "one-label classifiers (reward models) only")
+    return "score"
 
 
 @contextlib.contextmanager
@@ -337,6 +348,8 @@ def write_model_files(model: Transformer, tokenizer, directory: str | os.PathLik
 
     hf = cfg.to_hf(bos_id=ids["bos_id"], eos_id=ids["eos_id"], pad_id=ids["pad_id"],
                    torch_dtype=_dtype_name(wdtype))
+    if hasattr(model, "adapt_hf_config"):  # another head than the LM's (a reward model's score)
+        hf = model.adapt_hf_config(hf)
     write_json(directory / CONFIG_NAME, hf)
     written.append(CONFIG_NAME)
 

@@ -47,6 +47,7 @@ class WeightSource:
             ones (int8's and GGUF's QuantLinear / QuantEmbedding); their tensors are not in `read`'s result.
         tokenizer: `tokenizer() -> Tokenizer | None`.
         files: tensor name -> the file holding it, when that is not `path` (sharded directories).
+        head: "lm" (a causal LM) or "score" (a reward model: `reward_model.RewardModel`).
     """
 
     path: Path
@@ -57,6 +58,7 @@ class WeightSource:
     packed: Callable[[torch.dtype | None, torch.device], dict[str, torch.nn.Module]] | None = None
     tokenizer: Callable[[], Any] | None = None
     files: dict[str, Path] | None = None
+    head: str = "lm"
 
     def file_of(self, name: str) -> Path:
         return (self.files or {}).get(name, self.path)
@@ -102,7 +104,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
             dequantizing them. int8 directories are always packed; a float checkpoint is an error.
 
     Returns:
-        `(model, tokenizer)`; tokenizer is None when there is none. The model is in eval mode.
+        `(model, tokenizer)`; tokenizer is None when there is none. The model is in eval mode. A
+        one-label sequence-classification directory (`finetune --objective reward`) gives a
+        `RewardModel` (score it with `lmsmith.score`).
 
     Raises:
         LmsmithError: naming the file and the fix, for any unreadable or mismatched input.
@@ -145,7 +149,12 @@ def build(source: WeightSource, dtype: torch.dtype | None, device: torch.device)
     """Build the model a source describes and assign its tensors (see the module docstring)."""
     cfg, path = source.config, source.path
     check_claims(cfg, source.shapes, path, source.where, source.files)
-    model = build_model(cfg, init=False)  # meta device: nothing allocated yet
+    cls = Transformer
+    if source.head == "score":
+        from .reward_model import RewardModel
+
+        cls = RewardModel
+    model = build_model(cfg, init=False, cls=cls)  # meta device: nothing allocated yet
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)

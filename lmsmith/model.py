@@ -379,14 +379,15 @@ def _attention_mask(attention_mask, B, T, past: list[int], device, window: int |
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = "cpu", dtype: torch.dtype | None = None,
-                seed: int | None = None, init: bool = True) -> Transformer:
+                seed: int | None = None, init: bool = True, cls: type[Transformer] = Transformer) -> Transformer:
     """Build on the meta device, then materialise on `device`.
 
     With `init=False` the parameters stay on the meta device (no memory used) so a
-    loader can assign real tensors; with `device=None` likewise.
+    loader can assign real tensors; with `device=None` likewise. `cls`: a Transformer subclass
+    with another head (`reward_model.RewardModel`).
     """
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = cls(cfg)
     if not init or device is None:
         return model
     if dtype is not None:

@@ -152,11 +152,14 @@ class LoraLinear(nn.Module):
 # ---- applying -------------------------------------------------------------------------
 
 
+_NOT_TARGETS = ("lm_head", "score", "lora_A", "lora_B")  # heads (LM, reward) and LoRA's own factors
+
+
 def _candidate_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     """(name, module) of every plain linear that may carry LoRA: inside the blocks, never the LM head."""
     for name, m in model.named_modules():
-        # type(), not isinstance: quantized or already-wrapped linears are not LoRA targets.
-        if type(m) not in (nn.Linear, DecodeLinear) or name.rsplit(".", 1)[-1] in ("lm_head", "lora_A", "lora_B"):
+        # type(), not isinstance: quantized or already-wrapped linears are not LoRA targets; nor are heads.
+        if type(m) not in (nn.Linear, DecodeLinear) or name.rsplit(".", 1)[-1] in _NOT_TARGETS:
             continue
         yield name, m
 

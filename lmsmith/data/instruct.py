@@ -133,7 +133,7 @@ def normalize(record: dict, fmt: str) -> dict:
     return {"messages": msgs, **extra}
 
 
-def _records(path: Path) -> Iterator[tuple[int, object, str | None]]:
+def records(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """(line number, parsed JSON or None, error) for each record of a JSONL file or JSON array.
 
     A line that is not UTF-8 text is an error of that line (so --skip-bad can skip it)."""
@@ -192,7 +192,7 @@ def read_examples(path: str | os.PathLike, format: str | None = None,
     stats = ReadStats(format=format or "")
     examples: list[dict] = []
     fmt = format
-    for lineno, rec, err in _records(path):
+    for lineno, rec, err in records(path):
         if err is None:
             if fmt is None:
                 fmt = detect_format(rec)
@@ -458,11 +458,11 @@ class InstructBatches:
 
 
 def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad each key of `items` to its longest row: labels with -100, ids with `pad_id`."""
+    """Right-pad each key of `items` to its longest row: labels with -100, masks with 0, ids with `pad_id`."""
     out = {}
     for key in items[0]:
         width = max(len(it[key]) for it in items)
-        fill = IGNORE_INDEX if key.endswith("labels") else pad_id
+        fill = IGNORE_INDEX if key.endswith("labels") else 0 if key.endswith("mask") else pad_id
         t = torch.full((len(items), width), fill, dtype=torch.long)
         for r, it in enumerate(items):
             t[r, : len(it[key])] = torch.tensor(it[key], dtype=torch.long)

@@ -18,7 +18,11 @@ tokenizers; perplexity only between models sharing a tokenizer.
 
 --tasks FILE (instruction data with answers, e.g. heldout.jsonl from `lmsmith data
 synth`) reports the exact-match accuracy of greedy answers under the chat
-template (compared after strip), per task, with a few examples."""
+template (compared after strip), per task, with a few examples.
+
+--preferences FILE (pairs {"prompt", "chosen", "rejected"}, e.g. preference.jsonl) reports
+how often MODEL ranks the chosen response higher: a reward model (`lmsmith finetune
+--objective reward`) by its score, a language model by the response's log-probability."""
 
 
 def add_arguments(p) -> None:
@@ -28,6 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or .jsonl files")
     p.add_argument("--tasks", metavar="FILE", help="instruction data with answers (e.g. from `lmsmith data synth`): "
                                                    "exact-match accuracy of greedy answers, per task")
+    p.add_argument("--preferences", metavar="FILE", help="preference pairs: how often the model ranks chosen above "
+                                                         "rejected (a reward model by score, an LM by log-probability)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit for --tasks (default: 32)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--seq-len", type=int, default=None, help="window length in tokens (default: model context)")
@@ -48,12 +54,25 @@ def run(args) -> int:
     from ..eval import perplexity
     from .generate import load_model
 
-    if not args.data and not args.tasks:
-        raise LmsmithError("give --data PATH (perplexity on text) or --tasks FILE (exact-match accuracy), or both")
+    if not (args.data or args.tasks or args.preferences):
+        raise LmsmithError("give --data PATH (perplexity on text), --tasks FILE (exact-match accuracy) or "
+                           "--preferences FILE (preference accuracy)")
     for path in args.data or ():  # before the model loads: a typo should not cost a model load
         if not Path(path).exists():
             raise LmsmithError(f"--data {path}: no such file or folder; give held-out text files, folders or .jsonl")
     model, tokenizer = load_model(args)
+    if hasattr(model, "score") and (args.data or args.tasks):
+        raise LmsmithError(f"{args.model} is a reward model: it scores responses (--preferences FILE) but has no "
+                           "LM head for --data or --tasks")
+    if args.preferences:
+        if args.adapter:
+            from ..adapters import load_adapter
+
+            model = load_adapter(model, args.adapter, tokenizer)
+            args.adapter = None
+        _preferences(model, tokenizer, args)
+        if not (args.data or args.tasks):
+            return 0
     if args.adapter:
         from ..adapters import load_adapter
 
@@ -85,6 +104,30 @@ def run(args) -> int:
           f"{result.bits_per_byte:.4f} bits/byte over {result.tokens:,} tokens "
           f"({result.bytes:,} bytes, {result.texts} documents) in {time.time() - t0:.1f}s")
     return 0
+
+
+def _preferences(model, tokenizer, args) -> None:
+    """Preference accuracy on --preferences, overall and per task."""
+    from ..data.instruct import read_examples
+    from ..errors import LmsmithError
+    from ..eval.preferences import preference_accuracy
+
+    examples, stats = read_examples(args.preferences)
+    if stats.format != "preference":
+        raise LmsmithError(f"--preferences {args.preferences}: needs pairs {{prompt, chosen, rejected}}, got "
+                           f"format '{stats.format}'")
+    if args.max_docs:
+        examples = examples[: args.max_docs]
+    t0 = time.time()
+    result = preference_accuracy(model, tokenizer, examples, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+        return
+    how = "reward" if result["by"] == "reward" else "response log-probability"
+    print(f"{args.model}: preference accuracy {result['accuracy']:.1%} ({result['correct']}/{result['total']}) by "
+          f"{how}, mean margin {result['margin']:.3f}, on {args.preferences} in {time.time() - t0:.1f}s")
+    for task, d in result["per_task"].items():
+        print(f"  {task:<12} {d['accuracy']:7.1%}  ({d['correct']}/{d['total']})")
 
 
 def _tasks(model, tokenizer, args) -> None:

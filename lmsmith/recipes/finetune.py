@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .options import add_run_arguments, add_train_flags, prepare_run_folder, resolve, save_options, train_fields
 
-HELP = "fine-tune a model on instruction or preference data: full, LoRA, prompt or prefix tuning; SFT or DPO"
+HELP = ("fine-tune a model on instruction or preference data: full, LoRA, prompt or prefix tuning; SFT, DPO, or a "
+        "reward model")
 DESCRIPTION = """Fine-tune MODEL (any HF directory: a pretrained, fine-tuned or merged model) on
 instruction data (SFT) or preference pairs (DPO), reusing the training loop
 (progress bar, metrics.jsonl, checkpoints, --resume).
@@ -45,7 +46,11 @@ and prefix also train the embedding/head rows of the chat template's special tok
 training an existing adapter of the chosen method (peft format, ours or peft's).
 --objective dpo trains on preference pairs against a frozen reference (LoRA: the
 base with the adapter off; full: a frozen copy; prompt/prefix: the base without
-the prompt).
+the prompt). --objective reward trains a reward model on preference pairs: a scalar
+head on the last token of prompt + response, Bradley-Terry loss (--margin), full or
+LoRA; OUT/final/ is a Hugging Face LlamaForSequenceClassification directory (LoRA
+merged in) with the tokenizer and chat template the scores depend on: `lmsmith eval
+OUT/final --preferences FILE`, `lmsmith rl MODEL --reward OUT/final`.
 
 Checks: --eval-tasks FILE measures exact-match accuracy before and after;
 --ref-data FILE measures perplexity on reference text before and after, so
@@ -54,13 +59,15 @@ catastrophic forgetting is visible.
 example:
   lmsmith data synth --task mix --n 2000 --out synth/
   lmsmith finetune runs/pretrain/final --data synth/train.jsonl --method lora \\
-      --eval-tasks synth/heldout.jsonl --out runs/lora"""
+      --eval-tasks synth/heldout.jsonl --out runs/lora
+  lmsmith finetune runs/lora/merged --data synth/preference.jsonl --objective reward --out runs/rm"""
 
 METHODS = ("full", "lora", "prompt", "prefix")
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "reward")
 # Learning rates that work for each method when --lr is not given (adapters need larger steps).
 DEFAULT_LR = {("full", "sft"): 5e-5, ("lora", "sft"): 2e-4, ("prompt", "sft"): 3e-2, ("prefix", "sft"): 1e-2,
-              ("full", "dpo"): 5e-6, ("lora", "dpo"): 5e-5, ("prompt", "dpo"): 1e-2, ("prefix", "dpo"): 3e-3}
+              ("full", "dpo"): 5e-6, ("lora", "dpo"): 5e-5, ("prompt", "dpo"): 1e-2, ("prefix", "dpo"): 3e-3,
+              ("full", "reward"): 1e-5, ("lora", "reward"): 1e-4}
 
 DEFAULTS: dict[str, typing.Any] = {
     "model": None,
@@ -91,6 +98,7 @@ DEFAULTS: dict[str, typing.Any] = {
     "prompt_encoder_hidden": None,
     "train_tokens": "auto",
     "beta": 0.1,
+    "margin": 0.0,
     "eval_tasks": None,
     "eval_max_new_tokens": 32,
     "ref_data": None,
@@ -132,8 +140,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       f"{DEFAULTS['val_fraction']})")
     g = p.add_argument_group("method")
     g.add_argument("--method", help="full | lora | prompt | prefix (default: full)")
-    g.add_argument("--objective", help="sft | dpo (default: sft)")
+    g.add_argument("--objective", help="sft | dpo | reward (default: sft)")
     g.add_argument("--beta", type=float, help=f"DPO temperature (default: {DEFAULTS['beta']})")
+    g.add_argument("--margin", type=float, help="reward: the Bradley-Terry margin the chosen response must win by "
+                                                "(default: 0)")
     g.add_argument("--adapter", metavar="PATH", help="continue training this adapter (peft format: LoRA with "
                                                       "--method lora, PROMPT_TUNING with prompt, PREFIX_TUNING "
                                                       "with prefix)")
@@ -173,6 +183,12 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise LmsmithError(f"unknown --method {opts['method']!r}; choose one of: {', '.join(METHODS)}")
     if opts["objective"] not in OBJECTIVES:
         raise LmsmithError(f"unknown --objective {opts['objective']!r}; choose one of: {', '.join(OBJECTIVES)}")
+    if opts["objective"] == "reward":
+        if opts["method"] not in ("full", "lora"):
+            raise LmsmithError(f"--objective reward trains with --method full or lora, not {opts['method']}")
+        if opts["eval_tasks"] or opts["ref_data"]:
+            raise LmsmithError("--eval-tasks / --ref-data measure generation; a reward model is measured by its "
+                               "preference accuracy on the validation pairs (and `lmsmith eval RM --preferences FILE`)")
     if not opts["data"]:
         raise LmsmithError("--data FILE is required (instruction or preference data; "
                            "`lmsmith data synth` makes a demo set)")
@@ -222,15 +238,16 @@ def _run(args: argparse.Namespace, ranks) -> int:
     opts = resolve_options(args)
     out = Path(opts["out"])
     dpo = opts["objective"] == "dpo"
+    reward = opts["objective"] == "reward"
 
     # ---- data first: a typo in the data fails before a big model loads ---------------------------
     examples, read_stats = read_examples(opts["data"], opts["format"], skip_bad=bool(opts["skip_bad"]))
     is_pref = read_stats.format == "preference"
-    if dpo and not is_pref:
-        raise LmsmithError(f"{opts['data']}: --objective dpo needs preference data "
+    if (dpo or reward) and not is_pref:
+        raise LmsmithError(f"{opts['data']}: --objective {opts['objective']} needs preference data "
                            f"({{prompt, chosen, rejected}}), got format '{read_stats.format}'")
-    if not dpo and is_pref:
-        raise LmsmithError(f"{opts['data']}: preference data trains with --objective dpo "
+    if not (dpo or reward) and is_pref:
+        raise LmsmithError(f"{opts['data']}: preference data trains with --objective dpo or reward "
                            "(or give SFT data: instruction/solution, chat, ...)")
     eval_examples = read_examples(opts["eval_tasks"])[0] if opts["eval_tasks"] else None
     examples, val_examples = _validation_split(opts, examples)
@@ -250,6 +267,10 @@ def _run(args: argparse.Namespace, ranks) -> int:
     if tokenizer is None:
         raise LmsmithError(f"{opts['model']}: no tokenizer.json beside the weights; fine-tuning needs the "
                            "model's tokenizer and chat template")
+    if reward and not hasattr(base, "score"):
+        from ..reward_model import RewardModel
+
+        base = RewardModel.from_causal_lm(base, seed=int(opts["seed"]))  # the LM's decoder, a new score head
     if opts["method"] == "full":
         base.float()  # fp32 master weights: AdamW on bf16 weights rounds small updates away
     # LoRA / prompt tuning keep the frozen base in its own dtype (the memory saving); adapters are fp32.
@@ -260,7 +281,11 @@ def _run(args: argparse.Namespace, ranks) -> int:
     room = seq_len - (opts["virtual_tokens"] if opts["method"] in ("prompt", "prefix") else 0)
     if room < 2:
         raise LmsmithError(f"--seq-len {seq_len} leaves no room after {opts['virtual_tokens']} virtual tokens")
-    if dpo:
+    if reward:
+        from ..train.reward import encode_reward_pairs
+
+        items, enc = encode_reward_pairs(examples, tokenizer, room)
+    elif dpo:
         items, enc = encode_preference(examples, tokenizer, room)
     else:
         items, enc = encode_sft(examples, tokenizer, room)
@@ -269,7 +294,11 @@ def _run(args: argparse.Namespace, ranks) -> int:
     batches = InstructBatches(items, int(opts["batch_size"]), seed=int(opts["seed"]), pad_id=pad_id_of(tokenizer))
     eval_batches = None
     if val_examples:
-        val_items = (encode_preference if dpo else encode_sft)(val_examples, tokenizer, room)[0]
+        if reward:
+            from ..train.reward import encode_reward_pairs as encode
+        else:
+            encode = encode_preference if dpo else encode_sft
+        val_items = encode(val_examples, tokenizer, room)[0]
 
         def eval_batches():  # one pass over the validation examples, in order
             import itertools
@@ -281,7 +310,7 @@ def _run(args: argparse.Namespace, ranks) -> int:
         max_steps = max(1, math.ceil(float(opts["epochs"]) * batches.batches_per_epoch / int(opts["grad_accum"])))
     bad = f", {read_stats.bad_lines} malformed skipped" if read_stats.bad_lines else ""
     print(f"data: {opts['data']} ({read_stats.format}{bad}): {enc.describe()}"
-          + (f"; packed into {len(items):,} rows" if opts["pack"] and not dpo else ""))
+          + (f"; packed into {len(items):,} rows" if opts["pack"] and not (dpo or reward) else ""))
 
     # ---- method ---------------------------------------------------------------------------------------
     import torch
@@ -290,7 +319,15 @@ def _run(args: argparse.Namespace, ranks) -> int:
     model, trainable, reference_context, reference, method_desc, lora_cfg = _apply_method(opts, base, tokenizer)
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    if dpo:
+    if reward:
+        from ..train.reward import reward_objective
+
+        objective = reward_objective(float(opts["margin"]))
+        if opts["method"] == "lora":  # the new head trains with the adapters
+            model.score.weight.requires_grad_(True)
+            trainable = [*trainable, model.score.weight]
+            n_trainable = sum(p.numel() for p in trainable)
+    elif dpo:
         objective = dpo_objective(float(opts["beta"]), reference=reference, reference_context=reference_context)
     else:
         objective = sft_objective
@@ -340,7 +377,12 @@ def _run(args: argparse.Namespace, ranks) -> int:
         if last:
             lines.append(f"DPO reward margin {last['reward_margin']:.3f}, "
                          f"accuracy {last['reward_accuracy']:.0%}.")
-    if result.val_loss is not None:
+    if reward and result.val_loss is not None:
+        val_rows = [r for r in _rows(out) if "val_accuracy" in r]
+        if val_rows:
+            lines.append(f"Reward model: preference accuracy {val_rows[-1]['val_accuracy']:.1%} on "
+                         f"{len(val_examples):,} validation pairs (Bradley-Terry loss {result.val_loss:.4f}).")
+    elif result.val_loss is not None:
         what = "validation pairs" if dpo else "validation responses"
         extra = f", perplexity {result.val_ppl:.2f}" if result.val_ppl is not None else ""
         val_rows = [r for r in _rows(out) if "val_reward_accuracy" in r]
@@ -471,6 +513,10 @@ def _save_outputs(opts: dict, out: Path, model, tokenizer, lora_cfg, result) -> 
         return [result.checkpoint] if result.checkpoint else []
     if opts["method"] == "full":
         return [result.final_dir]
+    if opts.get("objective") == "reward":  # a reward model ships as one HF directory: the adapter merged in
+        from ..adapters import merge_lora
+
+        return [save(merge_lora(copy.deepcopy(model)), tokenizer, out / "final")]
     adapter = out / "adapter"
     written = [adapter]
     if opts["method"] == "lora":
@@ -506,6 +552,9 @@ def _save_on_main(ranks, save, model, method: str, lora_cfg):
 def _next_commands(opts: dict, written: list[Path]) -> str:
     if not written:
         return ""
+    if opts["objective"] == "reward":
+        return (f"Next: `lmsmith eval {written[0]} --preferences FILE`, "
+                f"`lmsmith rl {opts['model']} --prompts FILE --reward {written[0]}`.")
     first = written[-1] if opts["method"] == "lora" and opts["merge"] else written[0]
     task = f" --tasks {opts['eval_tasks']}" if opts["eval_tasks"] else " --tasks FILE"
     if opts["method"] == "full" or first.name == "merged":

@@ -150,6 +150,11 @@ def load_model(args):
 def load_for_generation(args):
     """(model, tokenizer) from args.model on args.device, adapter applied, in the decode layout."""
     model, tokenizer = load_model(args)
+    if hasattr(model, "score"):
+        from ..errors import LmsmithError
+
+        raise LmsmithError(f"{args.model} is a reward model (a score head, no LM head): it scores responses "
+                           "(lmsmith.score, `lmsmith eval --preferences`, `lmsmith rl --reward`) but does not generate")
     if getattr(args, "adapter", None):
         from ..adapters import load_adapter
 
