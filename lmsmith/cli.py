@@ -29,7 +29,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate text with any decoding strategy, streaming; --compare strategies"),
     "probs": ("probs", "the table of the most likely next tokens, step by step"),
     "chat": ("chat", "a multi-turn chat REPL with the model's chat template"),
-    "finetune": ("finetune", "fine-tune on instruction or preference data: full, LoRA, prompt or prefix; SFT or DPO"),
+    "finetune": ("finetune", "fine-tune on instruction or preference data: full, LoRA, prompt or prefix; SFT, DPO, "
+                             "or a reward model"),
+    "rl": ("rl", "online RL from a reward (GRPO / RLOO): exact match, a reward model, or your function"),
     "distill": ("distill", "distil a teacher into a smaller student (fkl / rkl / jsd); `distill cache` for top-K"),
     "merge": ("merge", "fold a LoRA adapter into the base weights"),
     "quantize": ("quantize", "quantize to f16/bf16/int8 or GGUF (Q8_0, Q4_K_M, Q3_K_M, ...); the quality table"),

@@ -67,6 +67,7 @@ class Completion:
         text: the decoded new text, cut before the stop string (only when a decode callback was given).
         prompt_index: which prompt this continues (several per prompt with num_return_sequences).
         score: beam search's length-penalised log-probability (None for other strategies).
+        eos_token: the end token that finished it (finish_reason "eos"), else None.
     """
 
     ids: list[int]
@@ -74,6 +75,7 @@ class Completion:
     text: str | None = None
     prompt_index: int = 0
     score: float | None = None
+    eos_token: int | None = None
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Event:
         prompt_logprobs: once, right after prefill, for `Request.prompt_logprobs`: one entry per
             prompt token (None for the first, which nothing predicts).
         prompt_top_logprobs: with it, each prompt token's `Request.logprobs` alternatives (None first).
+        eos_token: on the final event of a request that ended with an end token, which one.
     """
 
     row: int
@@ -102,6 +105,7 @@ class Event:
     top_logprobs: list[tuple[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    eos_token: int | None = None
 
 
 @dataclass
@@ -444,7 +448,7 @@ class Engine:
     def _advance(self, s: _Seq, tok: int, logprob, top, events: list[Event]) -> None:
         eos = s.req.config.eos_ids or ()
         if tok in eos and s.picker.json is None:
-            self._finish(s, "eos", events)
+            self._finish(s, "eos", events, eos_token=tok)
             return
         s.out.append(tok)
         s.tokens.append(tok)
@@ -457,9 +461,10 @@ class Engine:
         elif len(s.out) >= s.budget:
             self._finish(s, "length", events)
 
-    def _finish(self, s: _Seq, reason: str, events: list[Event], flush: bool = True) -> None:
+    def _finish(self, s: _Seq, reason: str, events: list[Event], flush: bool = True,
+                eos_token: int | None = None) -> None:
         text = s.detok.flush() if flush and s.detok is not None else ""
-        events.append(Event(s.rid, None, text, reason))
+        events.append(Event(s.rid, None, text, reason, eos_token=eos_token))
         if s.row >= 0:
             self.active.remove(s)
             self.row_seq[s.row] = None
@@ -684,6 +689,7 @@ def generate_ids(
         return beam_search(model, prompts, config, decode=decode, precision=precision)
     ids: dict[int, list[int]] = {}
     reasons: dict[int, str] = {}
+    ends: dict[int, int | None] = {}
     texts: dict[int, list[str]] = {}
     for ev in stream_ids(model, prompts, config, decode=decode, precision=precision, draft=draft,
                          draft_tokens=draft_tokens, stats=stats):
@@ -692,8 +698,9 @@ def generate_ids(
         if ev.text:
             texts.setdefault(ev.row, []).append(ev.text)
         if ev.finish_reason is not None:
-            reasons[ev.row] = ev.finish_reason
+            reasons[ev.row], ends[ev.row] = ev.finish_reason, ev.eos_token
     n = config.num_return_sequences
     return [Completion(ids=ids.get(r, []), finish_reason=reasons[r],
-                       text="".join(texts.get(r, [])) if decode is not None else None, prompt_index=r // n)
+                       text="".join(texts.get(r, [])) if decode is not None else None, prompt_index=r // n,
+                       eos_token=ends[r])
             for r in sorted(reasons)]

@@ -38,7 +38,7 @@ from ..precision import POLICIES, autocast, autocast_dtype
 from . import state as st
 from .budget import StepBudget, format_duration
 from .interrupt import StopFlag
-from .metrics import MetricsLog, format_postfix, measure_matmul_peak, plot_loss_curve, progress_bar
+from .metrics import MetricsLog, format_eval, format_postfix, measure_matmul_peak, plot_loss_curve, progress_bar
 from .optim import SCHEDULES, build_optimizer, lr_at, param_groups
 
 
@@ -363,6 +363,10 @@ def _clip_gradients(params, max_norm: float, ranks: Ranks) -> float:
     return float(norm)
 
 
+def _is_eval(row: dict) -> bool:
+    return any(k.startswith("val_") for k in row)
+
+
 @dataclass
 class _Committed:
     """What a checkpoint of the last completed step holds besides the weights and the optimizer:
@@ -378,6 +382,7 @@ class _Committed:
 
 def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=None,
           eval_batches: Callable[[], Iterator[dict]] | None = None,
+          eval_fn: Callable[[Any], dict[str, float]] | None = None,
           sample_fn: Callable[[Any], str] | None = None, resume: bool = False,
           trainable_params: list[torch.nn.Parameter] | None = None, ranks: Ranks | None = None) -> TrainResult:
     """Train `model` on `batches` with `objective` for `config.max_steps` optimizer steps.
@@ -393,6 +398,8 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         out_dir: the run folder (created).
         tokenizer: saved into checkpoints and used by the built-in sampler.
         eval_batches: a callable returning a fresh eval iterator each time.
+        eval_fn: `eval_fn(model) -> {"val_<name>": float}`, metrics that are no loss (RL's held-out
+            accuracy), measured at the same steps as the validation loss and logged in the same row.
         sample_fn: `sample_fn(model) -> str`, called every `sample_every` steps.
         resume: continue from the newest readable checkpoint in `out_dir` (a fresh start if none).
         trainable_params: train only these (LoRA, prompt tuning); default all with requires_grad.
@@ -477,15 +484,20 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         return path
 
     def run_eval(step: int) -> dict | None:
-        if eval_batches is None:
+        if eval_batches is None and eval_fn is None:
             return None
+        ev, extra = {}, {}
+        py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            ev = evaluate(model, eval_batches, objective, n_batches=cfg.eval_batches, policy=cfg.dtype,
-                          device=device, ranks=ranks)
-        row = {"step": step, **ev}
+            if eval_batches is not None:
+                ev = evaluate(model, eval_batches, objective, n_batches=cfg.eval_batches, policy=cfg.dtype,
+                              device=device, ranks=ranks)
+            if eval_fn is not None:
+                extra = eval_fn(model)
+        random.setstate(py_state)
+        row = {"step": step, **ev, **extra}
         log.write(row)
-        ppl = f", ppl {ev['val_ppl']:.2f}" if "val_ppl" in ev else ""
-        bar.write(f"step {step}: val loss {ev['val_loss']:.4f}{ppl}")
+        bar.write(f"step {step}: {format_eval(ev, extra)}")
         return row
 
     def run_sample(step: int) -> None:
@@ -513,7 +525,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     saved_step = start_step if resumed_from is not None else None
     last_loss = None
     # The final evaluation of a run killed while writing final/ is already in the resumed rows.
-    last_eval = next((r for r in reversed(rows) if "val_loss" in r and r["step"] == start_step), None)
+    last_eval = next((r for r in reversed(rows) if _is_eval(r) and r["step"] == start_step), None)
     t_start = t_log = time.perf_counter()
     tokens_since_log, seq_len = 0, 0
     interrupted = False
@@ -600,7 +612,9 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
                            "tokens_per_s": tok_s, "mfu": mfu, "grad_norm": grad_norm,
                            "elapsed": now - t_start, **step_metrics}
                     log.write(row)
-                    bar.set_postfix_str(format_postfix(loss, lr, tok_s, mfu))
+                    keys = getattr(objective, "progress_metrics", ())  # e.g. RL's reward and accuracy
+                    shown = {k: step_metrics[k] for k in keys if k in step_metrics}
+                    bar.set_postfix_str(format_postfix(loss, lr, tok_s, mfu, shown))
                     t_log, tokens_since_log = now, 0
                 t0 = time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0:
@@ -639,7 +653,7 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     step = committed.step
     final_dir = None
     if not interrupted:
-        if eval_batches is not None and (last_eval is None or last_eval["step"] != step):
+        if (eval_batches is not None or eval_fn is not None) and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval(step)
         if step > start_step or last_ckpt is None:
             committed.elapsed = elapsed()
@@ -652,11 +666,11 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
             print(f"note: {note}", file=sys.stderr)
     wall = time.perf_counter() - t_start
     if last_eval is None:
-        last_eval = next((r for r in reversed(log.rows) if "val_loss" in r), None)
+        last_eval = next((r for r in reversed(log.rows) if _is_eval(r)), None)
     tokens_run = committed.tokens - tokens_before
     result = TrainResult(
         steps=step, tokens=committed.tokens, final_loss=last_loss,
-        val_loss=last_eval["val_loss"] if last_eval else None,
+        val_loss=last_eval.get("val_loss") if last_eval else None,
         val_ppl=last_eval.get("val_ppl") if last_eval else None,
         wall_time=wall, tokens_per_s=tokens_run / max(wall, 1e-9), checkpoint=last_ckpt,
         final_dir=final_dir, interrupted=interrupted, losses=losses, steps_run=step - start_step,

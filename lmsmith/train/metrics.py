@@ -91,18 +91,31 @@ class _QuietBar(_NoBar):
     def write(self, s): ...
 
 
-def format_postfix(loss: float, lr: float, tok_s: float, mfu: float | None) -> str:
+def format_postfix(loss: float, lr: float, tok_s: float, mfu: float | None, extra: dict | None = None) -> str:
+    """The progress bar's text; `extra`: an objective's `progress_metrics` (RL's reward, accuracy, ...)."""
     mfu_s = f" mfu {100 * mfu:.0f}%" if mfu is not None else ""
-    return f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu_s}"
+    shown = "".join(f" {k} {_short(v)}" for k, v in (extra or {}).items())
+    return f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu_s}{shown}"
+
+
+def _short(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def format_eval(ev: dict, extra: dict) -> str:
+    """One line per evaluation: the validation loss (and perplexity), then an `eval_fn`'s metrics."""
+    parts = []
+    if "val_loss" in ev:
+        ppl = f", ppl {ev['val_ppl']:.2f}" if "val_ppl" in ev else ""
+        parts.append(f"val loss {ev['val_loss']:.4f}{ppl}")
+    parts += [f"{k.removeprefix('val_')} {_short(v)}" for k, v in extra.items()]
+    return ", ".join(parts)
 
 
 def plot_loss_curve(rows: list[dict], png_path: Path) -> str | None:
     """Write train (and validation) loss against step; returns a note if it was skipped."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return "matplotlib is not installed; skipped the loss-curve PNG (pip install matplotlib)"
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -113,11 +126,48 @@ def plot_loss_curve(rows: list[dict], png_path: Path) -> str | None:
         ax.plot(*zip(*train), label="train")
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _finish(plt, fig, [ax], png_path)
+    return None
+
+
+def plot_curves(rows: list[dict], png_path: Path, panels: dict[str, dict[str, str]]) -> str | None:
+    """One panel per entry of `panels` ({title: {legend label: metrics key}}), each key's values
+    against step (rows lacking a key are skipped); returns a note if nothing was written."""
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed; skipped the curves PNG (pip install matplotlib)"
+    series = {title: {label: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                      for label, key in keys.items()} for title, keys in panels.items()}
+    series = {t: {lab: pts for lab, pts in s.items() if pts} for t, s in series.items()}
+    series = {t: s for t, s in series.items() if s}
+    if not series:
+        return "no metrics to plot"
+    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], series.items()):
+        for label, pts in lines.items():
+            ax.plot(*zip(*pts), "o-" if len(pts) < 30 else "-", label=label)
+        ax.set_title(title)
+    _finish(plt, fig, axes[0], png_path)
+    return None
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _finish(plt, fig, axes, png_path: Path) -> None:
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
-    return None
