@@ -89,9 +89,9 @@ class KVCache:
                 B, K, M = len(past), k.shape[1], self.max_len
                 base = (torch.arange(B)[:, None] * K + torch.arange(K)[None, :]) * M  # (B, K) row starts
                 self._flat = (base + torch.tensor(past)[:, None]).reshape(-1).to(k.device)  # (B*K,)
-            Dh = k.shape[-1]
-            self.k[layer].view(-1, Dh).index_copy_(0, self._flat, k.reshape(-1, Dh))
-            self.v[layer].view(-1, Dh).index_copy_(0, self._flat, v.reshape(-1, Dh))
+            Dh, dt = k.shape[-1], self.k.dtype  # (index_copy_ does not cast as slice assignment does)
+            self.k[layer].view(-1, Dh).index_copy_(0, self._flat, k.reshape(-1, Dh).to(dt))
+            self.v[layer].view(-1, Dh).index_copy_(0, self._flat, v.reshape(-1, Dh).to(dt))
         else:
             for b, p in enumerate(past):
                 self.k[layer, b, :, p:p + T] = k[b]

@@ -334,3 +334,16 @@ def test_a_forward_in_bf16_reads_an_fp32_cache():
             torch.testing.assert_close(got, same, rtol=0.05, atol=0.05)
         packed = m(torch.tensor([[6]]), cache=PackedStep(cache, [(0, 1)]), last_only=True)
     assert packed.dtype == torch.bfloat16 and torch.isfinite(packed.float()).all()
+
+
+def test_bf16_autocast_decodes_ragged_rows_of_an_fp32_model():
+    """`lmsmith rl` samples from fp32 LoRA weights under bf16 autocast: rows of different lengths decode with
+    one indexed write per layer into the fp32 cache, and give the tokens each row gives alone."""
+    from lmsmith.decoding import GenerationConfig, generate_ids
+
+    m = _model()
+    cfg = GenerationConfig(strategy="greedy", max_new_tokens=6)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9]]
+    both = generate_ids(m, prompts, cfg, precision="bf16")
+    alone = [generate_ids(m, [p], cfg, precision="bf16")[0] for p in prompts]
+    assert [c.ids for c in both] == [c.ids for c in alone] and all(len(c.ids) == 6 for c in both)
