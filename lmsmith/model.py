@@ -294,15 +294,20 @@ class Transformer(nn.Module):
                        device=device or w.device)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
-                reduction: str = "sum", last_only: bool = False, **kwargs) -> torch.Tensor:
+                reduction: str = "sum", last_only: bool = False, temperature: float = 1.0,
+                **kwargs) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with `last_only` (prefill needs only the last row).
 
         With `labels` (B, T) (shifted targets, -100 where ignored) the next-token cross-entropy
         instead: summed to a scalar, or per token (B, T) with `reduction="none"` (`loss.target_loss`).
-        Keyword arguments are those of `hidden_states`. With a `PackedStep` as the cache,
-        `last_only` gives each segment's last token: (1, segments, V).
+        `temperature` divides the logits (so a loss is that of the tempered distribution a sampler
+        drew from: RL on samples taken at that temperature). Keyword arguments are those of
+        `hidden_states`. With a `PackedStep` as the cache, `last_only` gives each segment's last
+        token: (1, segments, V).
         """
         h = self.hidden_states(input_ids, **kwargs)
+        if temperature != 1.0:
+            h = h / temperature  # = logits / temperature: the head is linear without a bias
         if labels is not None:
             if hasattr(h, "placements"):
                 # A DTensor (sequence-parallel norm): the tensor-parallel head gathers the logits first.

@@ -229,3 +229,14 @@ def test_rl_resume_equals_uninterrupted_run(task, tmp_path, monkeypatch):
     wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(part / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_log_probabilities_are_of_the_tempered_distribution(task):
+    """Rollouts sampled at temperature T are scored under logits / T (the distribution they came from)."""
+    model, _ = lmsmith.load(task / "model")
+    ids = torch.tensor([[5, 9, 13, 17, 21]])
+    labels = torch.tensor([[-100, 9, 13, 17, 30]])
+    got = -model(ids, labels=labels, reduction="none", temperature=0.5)
+    logits = model(ids)[0] / 0.5
+    want = torch.log_softmax(logits, -1)[torch.arange(5), labels[0].clamp(min=0)] * (labels[0] != -100)
+    assert torch.allclose(got[0], want, atol=1e-5)

@@ -9,6 +9,7 @@ seeded per rollout), scored by the reward function, turned into group advantages
     input_ids (R, T) prompt + response (+ its end token), right-padded, R = prompts x G
     labels    (R, T) the response tokens (and the end token) as targets, -100 elsewhere
     advantages (R,)  one per response
+    temperature      the sampling temperature (log-probabilities are of logits / temperature)
     old_logp  (R, T) only with reuse > 1: the sampling policy's log-probabilities
     stats            reward, accuracy (exact match against the answer, where prompts have one),
                      length, truncated (responses that hit max tokens), sampling (share of wall time)
@@ -136,14 +137,15 @@ class Rollouts:
         for r, (x, y) in enumerate(zip(rows, labels)):
             ids[r, :len(x)] = torch.tensor(x)
             lab[r, :len(y)] = torch.tensor(y)
-        return {"input_ids": ids, "labels": lab, "advantages": adv}
+        return {"input_ids": ids, "labels": lab, "advantages": adv, "temperature": self.temperature}
 
     def _logp(self, batch: dict) -> torch.Tensor:
         from ..precision import autocast
 
         device = self.policy.model.norm.weight.device
         with autocast(self.precision or "fp32", device):
-            nll = self.policy(batch["input_ids"].to(device), labels=batch["labels"].to(device), reduction="none")
+            nll = self.policy(batch["input_ids"].to(device), labels=batch["labels"].to(device), reduction="none",
+                              temperature=self.temperature)
         return (-nll).float().cpu()
 
     # ---- resume ----------------------------------------------------------------------------------------

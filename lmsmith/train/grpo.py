@@ -19,7 +19,9 @@ per rollout old_logp = logp (detached), so the ratio is 1 and its gradient is th
 gradient A * grad logp.
 
 Batches (`rl.rollout.Rollouts`): "input_ids" (R, T), "labels" (R, T) (response tokens, -100
-elsewhere), "advantages" (R,), optionally "old_logp" (R, T), and "stats" (floats to log).
+elsewhere), "advantages" (R,), optionally "old_logp" (R, T), "temperature" (the sampling
+temperature: every log-probability is that of logits / temperature, the distribution sampled
+from) and "stats" (floats to log).
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ def grpo_objective(clip_eps: float = 0.2, kl: float = 0.0, reference: torch.nn.M
         raise ValueError("a KL penalty needs a reference model")
 
     def token_logp(model, batch) -> torch.Tensor:
-        return -model(batch["input_ids"], labels=batch["labels"], reduction="none")  # (R, T), 0 off target
+        # (R, T), 0 off target; of the tempered distribution the responses were sampled from, as trl does
+        return -model(batch["input_ids"], labels=batch["labels"], reduction="none",
+                      temperature=batch.get("temperature", 1.0))
 
     def objective(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
         mask = batch["labels"] != IGNORE_INDEX
