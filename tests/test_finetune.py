@@ -252,3 +252,22 @@ def test_cli_bad_input_is_one_line_exit_1(task, tmp_path, capsys, extra, expect)
     rc = main(["finetune", str(task / "model"), *extra, "--out", str(tmp_path / "o"), *COMMON])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and expect in err and len(err.splitlines()) == 1, err
+
+
+def test_time_budget_counts_the_real_validation_batches(task, tmp_path, monkeypatch):
+    """--time fits the step count around the evaluations it will run: the loop must be told how many
+    validation batches there are (a placeholder count made a 5-minute budget fit 21 steps)."""
+    import lmsmith.train as train_mod
+
+    seen, real_train = {}, train_mod.train
+
+    def spy(model, batches, objective, config, **k):
+        seen["config"] = config
+        return real_train(model, batches, objective, config, **k)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    rc = main(["finetune", str(task / "model"), "--data", str(task / "train.jsonl"), "--max-steps", "2",
+               "--batch-size", "8", "--val-fraction", "0.1", "--save-every", "0", "--out", str(tmp_path / "o"),
+               *COMMON])
+    assert rc == 0
+    assert seen["config"].eval_batches == 8  # 60 validation examples (10% of 600) in batches of 8

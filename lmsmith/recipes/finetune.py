@@ -292,13 +292,14 @@ def _run(args: argparse.Namespace, ranks) -> int:
         if opts["pack"]:
             items = pack(items, room)
     batches = InstructBatches(items, int(opts["batch_size"]), seed=int(opts["seed"]), pad_id=pad_id_of(tokenizer))
-    eval_batches = None
+    eval_batches, n_eval_batches = None, 1
     if val_examples:
         if reward:
             from ..train.reward import encode_reward_pairs as encode
         else:
             encode = encode_preference if dpo else encode_sft
         val_items = encode(val_examples, tokenizer, room)[0]
+        n_eval_batches = -(-len(val_items) // int(opts["batch_size"]))
 
         def eval_batches():  # one pass over the validation examples, in order
             import itertools
@@ -351,7 +352,7 @@ def _run(args: argparse.Namespace, ranks) -> int:
     warmup = min(int(opts["warmup_steps"]), max(0, max_steps // 10))
     train_opts = {f.name: opts[f.name] for f, _ in train_fields(_SKIP_TRAIN_FIELDS)}
     train_opts.update(max_steps=max_steps, warmup_steps=warmup, time_budget=opts["time"],
-                      eval_batches=10**9)  # every validation example (at most _MAX_HELD_OUT of --data)
+                      eval_batches=n_eval_batches)  # every validation example (at most _MAX_HELD_OUT of --data)
     config = TrainConfig(**train_opts)
     if ranks.main:
         save_options(out, {**opts, "max_steps": max_steps},
