@@ -68,7 +68,7 @@ DEFAULTS: dict[str, typing.Any] = {
     "lora_targets": "q_proj,k_proj,v_proj,o_proj",
     "group_size": 8,
     "prompts_per_step": 8,
-    "temperature": 1.0,
+    "temperature": 0.7,
     "top_p": 1.0,
     "max_new_tokens": 32,
     "baseline": "mean",
@@ -109,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--group-size", type=int, help="responses sampled per prompt, G (default: 8)")
     g.add_argument("--prompts-per-step", type=int, help="prompts per micro-batch (default: 8)")
-    g.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
+    g.add_argument("--temperature", type=float, help="sampling temperature; log-probabilities are those of the "
+                                                  "tempered distribution (default: 0.7)")
     g.add_argument("--top-p", type=float, help="nucleus sampling (default: 1.0, off)")
     g.add_argument("--max-new-tokens", type=int, help="response length limit (default: 32)")
     g = p.add_argument_group("objective")
