@@ -101,6 +101,8 @@ def reward_ids(tokenizer, prompt, response: str, max_len: int | None = None) -> 
 def score_batch(reward_model: RewardModel, tokenizer, prompts: Sequence, responses: Sequence[str], *,
                 batch_size: int = 16) -> list[float]:
     """Rewards of each (prompts[i], responses[i]) pair, batched (right-padded)."""
+    from .data.instruct import collate, pad_id_of
+
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     device = reward_model.model.norm.weight.device
@@ -111,14 +113,9 @@ def score_batch(reward_model: RewardModel, tokenizer, prompts: Sequence, respons
     out: list[float] = []
     try:
         for s in range(0, len(seqs), batch_size):
-            chunk = seqs[s:s + batch_size]
-            width = max(len(x) for x in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for r, x in enumerate(chunk):
-                ids[r, :len(x)] = torch.tensor(x)
-                mask[r, :len(x)] = 1
-            out += reward_model(ids.to(device), attention_mask=mask.to(device)).tolist()
+            b = collate([{"input_ids": x, "attention_mask": [1] * len(x)} for x in seqs[s:s + batch_size]],
+                        pad_id_of(tokenizer))
+            out += reward_model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).tolist()
     finally:
         reward_model.train(was_training)
     return out

@@ -18,20 +18,20 @@ import torch
 
 @torch.no_grad()
 def _logprob_scores(model, tokenizer, prompts, responses, batch_size: int = 16) -> list[float]:
-    from ..data.instruct import collate, pad_id_of, tokenize_messages
+    from ..data.instruct import _shift, collate, pad_id_of, tokenize_messages
+    from ..train.dpo import sequence_logprobs
 
     items = []
     for p, r in zip(prompts, responses):
         ids, target = tokenize_messages(tokenizer, [*p, {"role": "assistant", "content": r}])
-        ids = ids[-(model.config.max_seq_len + 1):]
-        target = target[-len(ids):]
-        items.append({"input_ids": ids[:-1], "labels": [t if m else -100 for t, m in zip(ids[1:], target[1:])]})
+        keep = model.config.max_seq_len + 1  # the context, and the response's end, are what count
+        ids, labels = _shift(ids[-keep:], target[-keep:])
+        items.append({"input_ids": ids, "labels": labels})
     out: list[float] = []
     device = next(model.parameters()).device
     for s in range(0, len(items), batch_size):
         b = collate(items[s:s + batch_size], pad_id_of(tokenizer))
-        nll = model(b["input_ids"].to(device), labels=b["labels"].to(device), reduction="none")
-        out += (-nll.sum(dim=1)).tolist()
+        out += sequence_logprobs(model, b["input_ids"].to(device), b["labels"].to(device)).tolist()
     return out
 
 

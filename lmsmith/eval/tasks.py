@@ -38,9 +38,15 @@ def _greedy_wrapped(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     return out
 
 
+def exact_match(answer: str, expected: str) -> bool:
+    """The tasks' checker: equal after strip."""
+    return answer.strip() == expected.strip()
+
+
 def generate_answers(model, tokenizer, prompts: Sequence[list[dict]], *, max_new_tokens: int = 32,
-                     batch_size: int = 32) -> list[str]:
-    """Greedy completions of chat prompts (lists of messages), rendered with the generation prompt."""
+                     batch_size: int = 32, precision: str | None = None) -> list[str]:
+    """Greedy completions of chat prompts (lists of messages), rendered with the generation prompt
+    (`precision`: an autocast policy for the engine, None = the weights' dtype)."""
     from ..decoding import GenerationConfig, encode_prompt, generate_ids
 
     texts = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True) for p in prompts]
@@ -55,7 +61,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[dict]], *, max_new
         answers: list[str] = []
         for s in range(0, len(ids), batch_size):
             comps = generate_ids(model, ids[s:s + batch_size], config,
-                                 decode=lambda x: tokenizer.decode(x, skip_special_tokens=True))
+                                 decode=lambda x: tokenizer.decode(x, skip_special_tokens=True), precision=precision)
             answers += [c.text for c in comps]
         return answers
     finally:
@@ -77,7 +83,7 @@ def task_accuracy(model, tokenizer, examples: Sequence[dict], *, max_new_tokens:
     per: dict[str, dict] = {}
     rows = []
     for ex, (prompt, expected), answer in zip(examples, pairs, got):
-        ok = answer.strip() == expected.strip()
+        ok = exact_match(answer, expected)
         task = ex.get("task", "all")
         d = per.setdefault(task, {"correct": 0, "total": 0})
         d["correct"] += ok

@@ -11,7 +11,6 @@ and summary.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -280,7 +279,11 @@ def _train(opts, out, policy, tokenizer, trainable, reference, reference_context
           f"{opts['reward']}; {max_steps:,} steps x {rollouts.P} prompts x {rollouts.G} samples; run folder {out}")
     result = train(policy, rollouts, objective, config, out_dir=out, tokenizer=tokenizer,
                    eval_fn=eval_fn if heldout else None, resume=bool(opts["resume"]), trainable_params=trainable)
-    written = [] if result.interrupted else _save(opts, out, policy, tokenizer, lora_cfg, result)
+    from .finetune import _rows, _save_outputs
+
+    # finetune's outputs: final/ (the loop's) for full, adapter/ (+ merged/ with --merge) for LoRA
+    written = [] if result.interrupted else _save_outputs({**opts, "objective": "sft"}, out, policy, tokenizer,
+                                                          lora_cfg, result)
     rows = _rows(out)
     _plot(rows, before, out)
     sampling = rollouts.sample_seconds / max(result.wall_time, 1e-9)
@@ -294,22 +297,6 @@ def _train(opts, out, policy, tokenizer, trainable, reference, reference_context
         write_json(out / "rl_summary.json", summary)
     _print_summary(opts, out, result, summary, written)
     return 130 if result.interrupted else 0
-
-
-def _save(opts, out, policy, tokenizer, lora_cfg, result) -> list[Path]:
-    import copy
-
-    if opts["method"] == "full":
-        return [result.final_dir]
-    from ..adapters import merge_lora, save_lora
-    from ..checkpoint import save
-
-    written = [out / "adapter"]
-    save_lora(policy, lora_cfg, out / "adapter", base_model_name_or_path=str(opts["model"]))
-    tokenizer.save(out / "adapter")
-    if opts["merge"]:
-        written.append(save(merge_lora(copy.deepcopy(policy)), tokenizer, out / "merged"))
-    return written
 
 
 def _fmt(m: dict) -> str:
@@ -351,7 +338,3 @@ def _print_summary(opts, out: Path, result, summary: dict, written: list[Path]) 
                      f"{out / 'rl.png'}.")
     print("\n" + " ".join(lines))
 
-
-def _rows(out: Path) -> list[dict]:
-    f = out / "metrics.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []

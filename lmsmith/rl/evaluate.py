@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .rewards import exact_match
+from ..eval.tasks import exact_match
 
 
 @torch.no_grad()
@@ -33,16 +33,16 @@ def heldout_metrics(model, tokenizer, items: list[dict], *, k: int = 8, temperat
                     precision: str | None = None, batch_size: int = 64) -> dict[str, float]:
     """The metrics of the module docstring over `items` (prompts with answers)."""
     from ..decoding import GenerationConfig, encode_chat
+    from ..eval.tasks import generate_answers
 
     eos = list(getattr(tokenizer, "eos_ids", None) or [])
     ids = [encode_chat(tokenizer, it["messages"]) for it in items]
-    greedy_cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, eos_ids=eos)
+    greedy = generate_answers(model, tokenizer, [it["messages"] for it in items], max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, precision=precision)
     was_training = model.training
     model.eval()
-    greedy, sampled = [], []
+    sampled = []
     try:
-        for s in range(0, len(ids), batch_size):
-            greedy += [a[0] for a in _answers(model, tokenizer, ids[s:s + batch_size], greedy_cfg, precision)]
         if k > 0:
             per = max(1, batch_size // k)
             for s in range(0, len(ids), per):

@@ -21,12 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LmsmithError
+from ..eval.tasks import exact_match
 from .prompts import prompt_text
-
-
-def exact_match(response: str, answer: str) -> bool:
-    """The tasks' checker (as `eval.tasks`): equal after strip."""
-    return response.strip() == answer.strip()
 
 
 def _where(item: dict) -> str:

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ..data.instruct import epoch_order
+from ..data.instruct import collate, epoch_order, pad_id_of
 from ..errors import LmsmithError
 from ..loss import IGNORE_INDEX
 from ..train.grpo import group_advantages
@@ -59,6 +59,7 @@ class Rollouts:
         self.k, self.sampled, self.epoch, self.position = 0, 0, 0, 0
         self._order = epoch_order(len(prompts), seed, 0)
         self._cache: list[dict] = []
+        self._saved: list[dict] | None = None
         self.sample_seconds, self._t0 = 0.0, time.perf_counter()
 
     def __iter__(self) -> Rollouts:
@@ -68,6 +69,7 @@ class Rollouts:
         phase = self.k % (self.grad_accum * self.reuse)
         if phase == 0:
             self._cache = [self._sample() for _ in range(self.grad_accum)]
+            self._saved = None  # its JSON form, made once when a checkpoint first needs it
         self.k += 1
         return self._cache[phase % self.grad_accum]
 
@@ -124,20 +126,13 @@ class Rollouts:
         return {**batch, "stats": stats}
 
     def _layout(self, idx: list[int], comps, adv: torch.Tensor) -> dict:
-        rows, labels = [], []
+        items = []
         for c in comps:
             prompt = self.prompt_ids[idx[c.prompt_index]]
             response = c.ids + ([c.eos_token] if c.eos_token is not None else [])
-            full = prompt + response
-            rows.append(full[:-1])
-            labels.append([IGNORE_INDEX] * (len(prompt) - 1) + response)
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for r, (x, y) in enumerate(zip(rows, labels)):
-            ids[r, :len(x)] = torch.tensor(x)
-            lab[r, :len(y)] = torch.tensor(y)
-        return {"input_ids": ids, "labels": lab, "advantages": adv, "temperature": self.temperature}
+            items.append({"input_ids": (prompt + response)[:-1],
+                          "labels": [IGNORE_INDEX] * (len(prompt) - 1) + response})
+        return {**collate(items, pad_id_of(self.tokenizer)), "advantages": adv, "temperature": self.temperature}
 
     def _logp(self, batch: dict) -> torch.Tensor:
         from ..precision import autocast
@@ -154,8 +149,10 @@ class Rollouts:
         state = {"k": self.k, "sampled": self.sampled, "epoch": self.epoch, "position": self.position,
                  "seed": self.seed, "n": len(self.prompts), "cache": None}
         if self.k % (self.grad_accum * self.reuse):  # a rollout still in use: keep it, the weights moved on
-            state["cache"] = [{k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-                              for b in self._cache]
+            if self._saved is None:  # (the loop asks after every step; the rollout changes once per reuse)
+                self._saved = [{k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+                               for b in self._cache]
+            state["cache"] = self._saved
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -167,5 +164,6 @@ class Rollouts:
         self._order = epoch_order(len(self.prompts), self.seed, self.epoch)
         dtypes = {"input_ids": torch.long, "labels": torch.long, "advantages": torch.float32,
                   "old_logp": torch.float32}
+        self._saved = state.get("cache")
         self._cache = [{k: (torch.tensor(v, dtype=dtypes[k]) if k in dtypes else v) for k, v in b.items()}
-                       for b in state.get("cache") or []]
+                       for b in self._saved or []]
