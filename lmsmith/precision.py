@@ -68,6 +68,20 @@ def autocast_dtype(policy: str, device: torch.device | str) -> torch.dtype | Non
     return DTYPES[policy]
 
 
+def inference_dtype(policy: str, device: torch.device | str) -> torch.dtype:
+    """The dtype the inference verbs (generate, chat, serve) hold the weights in for a policy.
+
+    Decoding reads every weight once per step, so half-precision weights halve the bytes per token,
+    and where bf16 matmuls are native they are also faster to multiply: `auto` is bf16 there, fp32
+    elsewhere (on AVX2-only CPUs torch's bf16 matmuls are several times slower than fp32).
+    """
+    if policy not in POLICIES:
+        raise LmsmithError(f"unknown dtype policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+    if policy == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    return DTYPES[policy]
+
+
 def autocast(policy: str, device: torch.device | str):
     """Context manager applying the policy's autocast (a no-op for fp32)."""
     dtype = autocast_dtype(policy, device)

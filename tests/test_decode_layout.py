@@ -99,3 +99,51 @@ def test_half_precision_weights_keep_their_layout(dtype):
     model = use_decode_layout(_model().to(dtype), threads=2)
     assert not any(type(m) is DecodeLinear for m in model.modules())
     assert model.model.layers[0].mlp.up_proj.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_inference_dtype_auto_is_bf16_only_where_bf16_is_fast(fast, monkeypatch):
+    from lmsmith import precision
+    from lmsmith.recipes.generate import for_inference
+
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: fast)
+    assert precision.inference_dtype("auto", "cpu") == (torch.bfloat16 if fast else torch.float32)
+    assert precision.inference_dtype("fp16", "cpu") == torch.float16
+    assert precision.inference_dtype("fp32", "cpu") == torch.float32
+    model = for_inference(_model(), "auto")
+    if fast:  # cast once, row-major (no autocast: it would cast every weight at every step)
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert not any(type(m) is DecodeLinear for m in model.modules())
+    else:
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+        assert any(type(m) is DecodeLinear for m in model.modules())
+    with pytest.raises(Exception, match="unknown dtype policy"):
+        precision.inference_dtype("int4", "cpu")
+
+
+def test_for_inference_leaves_packed_weights_packed():
+    from lmsmith.quant.linear import apply_quantization
+    from lmsmith.recipes.generate import for_inference
+
+    model = _model()
+    apply_quantization(model, "int8")
+    model = for_inference(model, "bf16")
+    scales = [m.weight_scale for m in model.modules() if hasattr(m, "qweight")]
+    assert scales and all(s.dtype == torch.float32 for s in scales)  # the kernels need fp32 scales
+    assert model.model.norm.weight.dtype == torch.float32
+
+
+def test_generate_cli_dtype_bf16_equals_the_api_on_bf16_weights(tmp_path, capsys):
+    from lmsmith.cli import main
+    from lmsmith.decoding import generate
+    from lmsmith.recipes.generate import for_inference
+    from lmsmith.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["the cat sat on the mat. def f(x): return x + 1\n" * 20], vocab_size=300,
+                          show_progress=False)
+    save(_model(vocab_size=300), tok, tmp_path / "m")
+    model, tok = load(tmp_path / "m")
+    want = generate(for_inference(model, "bf16"), tok, "the cat", max_new_tokens=12)
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "the cat", "--max-new-tokens", "12",
+                 "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out == "the cat" + want + "\n"

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..decoding import Engine, Request, resolve_config
     from ..errors import LmsmithError
-    from .generate import config_from_args, draft_report, load_draft, load_for_generation, precision_of
+    from .generate import config_from_args, draft_report, load_draft, load_for_generation
 
     config = config_from_args(args)
     if config.strategy == "beam":
@@ -40,7 +40,7 @@ def run(args) -> int:
     decode = lambda x: tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
     # One slot kept across turns: each turn's prompt starts with the last one's tokens, whose
     # keys/values the engine reuses (prompt caching), so only the new message is prefilled.
-    engine = Engine(model, max_batch=1, decode=decode, precision=precision_of(args),
+    engine = Engine(model, max_batch=1, decode=decode,
                     draft=load_draft(args, model, tokenizer), draft_tokens=args.draft_tokens)
     print("chat: /reset to start over, /exit to leave", file=sys.stderr)
     while True:

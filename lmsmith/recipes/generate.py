@@ -49,12 +49,21 @@ def add_generation_arguments(p) -> None:
     g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     g.add_argument("--stop", nargs="+", default=None, metavar="STR", help="stop strings (cut from the output)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    g.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision policy (default: fp32)")
+    add_dtype_argument(g)
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     add_packed_argument(g)
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
     add_draft_arguments(p)
+
+
+DTYPE_HELP = ("the weights' precision, cast once at load: auto = bf16 where the hardware multiplies it natively "
+              "(CPUs with AVX512-BF16 or AMX, CUDA), else fp32; bf16 / fp16 read half the bytes per token; fp32 "
+              "is exact (parity with transformers' fp32 logits). Packed quantized weights stay as they are "
+              "(default: auto)")
+
+
+def add_dtype_argument(p) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=DTYPE_HELP)
 
 
 def add_draft_arguments(p) -> None:
@@ -90,9 +99,7 @@ def load_draft(args, model, tokenizer):
         if i is not None:
             raise LmsmithError(f"--draft {draft}: token id {i} differs between its tokenizer and the model's; a "
                                "draft must share the model's vocabulary (distil one: `lmsmith distill`)")
-    from ..decoding.layout import use_decode_layout
-
-    return use_decode_layout(small)
+    return for_inference(small, getattr(args, "dtype", "fp32"))
 
 
 def draft_report(stats: dict) -> str:
@@ -159,13 +166,24 @@ def load_for_generation(args):
         from ..adapters import load_adapter
 
         model = load_adapter(model, args.adapter, tokenizer)
+    return for_inference(model, getattr(args, "dtype", "fp32")), tokenizer
+
+
+def for_inference(model, policy: str):
+    """The model in the dtype `policy` means for inference (`precision.inference_dtype`), in the decode
+    layout. The weights are cast once: under autocast every step would cast every weight again. Packed
+    quantized models keep their bytes (their products run in fp32 on them)."""
+    import torch
+
     from ..decoding.layout import use_decode_layout
+    from ..precision import inference_dtype
 
-    return use_decode_layout(model), tokenizer
-
-
-def precision_of(args) -> str | None:
-    return None if args.dtype == "fp32" else args.dtype
+    device = next(model.parameters()).device
+    dtype = inference_dtype(policy, device)
+    packed = any(hasattr(m, "qweight") for m in model.modules())
+    if dtype != torch.float32 and not packed:
+        model = model.to(dtype)
+    return use_decode_layout(model)
 
 
 def add_arguments(p) -> None:
@@ -219,7 +237,7 @@ def _stream(model, tokenizer, args, config) -> int:
     t0, n, reason = time.perf_counter(), 0, "length"
     decode = lambda x: tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
     stats: dict = {}
-    for ev in stream_ids(model, [ids], config, decode=decode, precision=precision_of(args),
+    for ev in stream_ids(model, [ids], config, decode=decode,
                          draft=getattr(args, "draft_model", None), draft_tokens=args.draft_tokens, stats=stats):
         if ev.token is not None:
             n += 1
@@ -291,7 +309,7 @@ def _batch(model, tokenizer, args, config, prompts=None) -> int:
         chunk = prompts[start:start + args.batch_size]
         step: dict = {}
         comps = generate_ids(model, [encode_prompt(tokenizer, p) for p in chunk], config, decode=decode,
-                             precision=precision_of(args), draft=getattr(args, "draft_model", None),
+                             draft=getattr(args, "draft_model", None),
                              draft_tokens=args.draft_tokens, stats=step)
         stats = {k: stats.get(k, 0) + v for k, v in step.items()}
         n = config.num_return_sequences
@@ -361,7 +379,7 @@ def _compare(model, tokenizer, args) -> int:
     for label, config in compare_configs(args.compare, args):
         config = resolve_config(tokenizer, config)
         t0 = time.perf_counter()
-        c = generate_ids(model, [ids], config, decode=decode, precision=precision_of(args))[0]
+        c = generate_ids(model, [ids], config, decode=decode)[0]
         dt = time.perf_counter() - t0
         stats = ngram_stats(c.ids)
         rows.append((label, len(c.ids), stats, c.finish_reason, dt))

@@ -21,7 +21,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p) -> None:
-    from .generate import add_draft_arguments, add_packed_argument
+    from .generate import add_draft_arguments, add_dtype_argument, add_packed_argument
 
     p.add_argument("model", help="model directory, .gguf file or int8 directory")
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA, prompt or prefix adapter (peft format)")
@@ -37,8 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step, in one forward with the decoding requests, "
                         "so a long prompt does not stall the others (default: 512)")
-    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision policy (default: fp32)")
+    add_dtype_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     add_packed_argument(p)
     add_draft_arguments(p)
@@ -67,7 +66,7 @@ def run(args) -> int:
     from ..memory import human_bytes
     from ..serve.app import Served, create_app
     from ..serve.worker import Worker
-    from .generate import load_draft, load_for_generation, precision_of
+    from .generate import load_draft, load_for_generation
 
     check_args(args)
     api_key = args.api_key or os.environ.get("LMSMITH_API_KEY") or None
@@ -77,7 +76,7 @@ def run(args) -> int:
     model, tokenizer = load_for_generation(args)
     context = model.config.max_seq_len
     engine = Engine(model, max_batch=args.max_batch, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                    precision=precision_of(args), prefill_chunk=args.prefill_chunk,
+                    prefill_chunk=args.prefill_chunk,
                     draft=load_draft(args, model, tokenizer), draft_tokens=args.draft_tokens)
     kv = engine.cache.k.numel() * engine.cache.k.element_size() * 2
     worker = Worker(engine, max_queue=args.max_queue)
@@ -94,7 +93,10 @@ def run(args) -> int:
             raise LmsmithError(f"could not serve on {args.host}:{args.port} (is the port in use? try --port)")
         time.sleep(0.05)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {name!r}: {args.max_batch} slots x {context} tokens (KV cache {human_bytes(kv)}); "
+    weights = "packed" if any(hasattr(m, "qweight") for m in model.modules()) else \
+        str(model.model.norm.weight.dtype).removeprefix("torch.")
+    print(f"serving {name!r} ({weights} weights): {args.max_batch} slots x {context} tokens (KV cache "
+          f"{human_bytes(kv)}); "
           f"chat page http://{host}:{args.port}/ , OpenAI API http://{host}:{args.port}/v1", file=sys.stderr)
     try:
         worker.run()  # until Ctrl-C / SIGTERM (the CLI turns SIGTERM into KeyboardInterrupt)
