@@ -254,11 +254,13 @@ class PromptTunedModel(nn.Module):
         """A KVCache for `max_len` real tokens per row whose first n columns (its `floor`) hold the
         virtual tokens' keys/values in every row, computed once here."""
         from ..kvcache import KVCache
+        from ..model import kv_cache_dtype
 
         n, w = self.n_virtual, self.model.embed_tokens.weight
-        dtype = dtype or w.dtype
+        device = device or w.device
+        dtype = dtype or kv_cache_dtype(w.dtype, device)
         cache = KVCache(self.base.config, batch_size, (max_len or self.config.max_seq_len) + n, dtype=dtype,
-                        device=device or w.device, floor=n)
+                        device=device, floor=n)
         pk, pv = self._prefix_kv(dtype)  # (L, 1, K, n, Dh): the same for every row
         cache.k[:, :, :, :n] = pk
         cache.v[:, :, :, :n] = pv

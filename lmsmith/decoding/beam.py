@@ -142,8 +142,7 @@ def _search(model, prompts, config: GenerationConfig, P: int, max_new: int, devi
     batch_offset = torch.arange(B, device=device)[:, None] * nb
 
     # Prefill each prompt once, then copy its keys/values to its beams.
-    dtype = next(model.parameters()).dtype
-    cache = model.make_cache(B * nb, max_length, dtype=dtype, device=device)
+    cache = model.make_cache(B * nb, max_length, device=device)
     logits = model(ids, positions=positions, attention_mask=mask, cache=cache.rows(0, B), last_only=True)[:, -1].float()
     cache.reorder(torch.arange(B, device=device).repeat_interleave(nb))  # row b*nb + j: prompt b
     logits = logits.repeat_interleave(nb, dim=0)  # (B*nb, V)
