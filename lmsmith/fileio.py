@@ -63,6 +63,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike,
     Why not `safetensors.torch.save_file`: it serialises every tensor to bytes
     first (a second copy of the model in memory) and refuses tensors that share
     a storage, which memory-mapped loads always do.
+
+    A sharded tensor (a DTensor: FSDP2 / tensor parallelism) is gathered when its turn comes
+    (`full_tensor()`, a collective: the other ranks call `gather_in_turn` on the same tensors),
+    so the writer holds one whole tensor at a time, never the whole model.
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
@@ -81,11 +85,23 @@ def write_safetensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike,
         for t in tensors.values():
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            t = t.to("cpu").contiguous()
+            t = _whole(t).to("cpu").contiguous()
             if t.numel():
                 # uint8 view of the tensor's own memory: no copy unless conversion made one above.
                 fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return offset
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_in_turn(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """What a rank that does not write does while `write_safetensors` writes `tensors` on another:
+    join each sharded tensor's gather, in the same order, and drop the result."""
+    for t in tensors.values():
+        if hasattr(t, "full_tensor"):
+            _whole(t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
 
 @contextlib.contextmanager

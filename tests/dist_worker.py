@@ -41,6 +41,32 @@ class Batches:
         self.k = state["k"]
 
 
+def _watch_gathers() -> list[int]:
+    """Forbid gathering the whole state dict and track the peak bytes of gathered tensors alive at once."""
+    import weakref
+
+    from torch.distributed.tensor import DTensor
+
+    import lmsmith.distributed.dcp as dcp
+
+    def refuse(model):
+        raise AssertionError("final/ gathered the whole model at once")
+
+    dcp.full_state_dict = refuse
+    live, peak, real = [0], [0], DTensor.full_tensor
+
+    def full_tensor(self, *args, **kwargs):
+        t = real(self, *args, **kwargs)
+        n = t.numel() * t.element_size()
+        live[0] += n
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(t, lambda: live.__setitem__(0, live[0] - n))
+        return t
+
+    DTensor.full_tensor = full_tensor
+    return peak
+
+
 def main(out: str, opts: dict[str, int]) -> None:
     torch.set_num_threads(1)
     layout = Layout(**{k: opts[k] for k in LAYOUT_KEYS if k in opts}, **({} if "dp_shard" in opts else
@@ -53,8 +79,12 @@ def main(out: str, opts: dict[str, int]) -> None:
         params = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear")) if opts.get("lora") else None
         config = TrainConfig(max_steps=10, warmup_steps=2, lr=3e-3, dtype="fp32", save_every=opts.get("save", 0),
                              progress=False, peak_flops=1e12, log_every=1)
+        peak = _watch_gathers() if opts.get("stream") else None
         result = train(model, Batches(), causal_lm_objective, config, out_dir=out, ranks=ranks,
                        resume=bool(opts.get("resume")), trainable_params=params)
+        if peak is not None:  # final/ was streamed: never more than one whole tensor gathered at once
+            largest = max(p.numel() * p.element_size() for p in model.parameters())
+            assert 0 < peak[0] <= largest, f"gathered {peak[0]} bytes at once; the largest tensor is {largest}"
         if ranks.main:
             print(json.dumps(result.losses))
     finally:

@@ -123,8 +123,9 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 
 def save_model(model, tokenizer, path: Path, ranks=None, checkpoint: Path | None = None) -> Path:
-    """Write the final model as an HF directory, atomically (by rank 0; a sharded model is gathered;
-    pipeline stages are read back from `checkpoint`, the sharded checkpoint of the same step)."""
+    """Write the final model as an HF directory, atomically (by rank 0; a sharded model is gathered one
+    tensor at a time; pipeline stages are read back from `checkpoint`, the sharded checkpoint of the
+    same step)."""
     from ..checkpoint import save
 
     if ranks is None or not ranks.distributed:
@@ -136,11 +137,15 @@ def save_model(model, tokenizer, path: Path, ranks=None, checkpoint: Path | None
         if ranks.main:
             save(plain_from_checkpoint(checkpoint, model.config), tokenizer, path)
     elif ranks.shards_weights:
-        from ..distributed.dcp import gathered_copy
-
-        plain = gathered_copy(model, ranks)  # every rank takes part; rank 0 receives the tensors
+        # Streamed: each sharded tensor is gathered in turn (every rank joins), written by rank 0 and
+        # dropped, so no rank ever holds the whole model (`fileio.write_safetensors`).
         if ranks.main:
-            save(plain, tokenizer, path)
+            save(model, tokenizer, path)
+        else:
+            from ..checkpoint import state_dict_for_save
+            from ..fileio import gather_in_turn
+
+            gather_in_turn(state_dict_for_save(model))
     elif ranks.main:
         save(model, tokenizer, path)
     ranks.barrier()
