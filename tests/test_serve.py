@@ -91,6 +91,8 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "LMSMITH_API_KEY": KEY}
+        if "--dtype" not in args:  # outputs are compared with fp32 lmsmith.generate, whatever `auto` means here
+            args = (*args, "--dtype", "fp32")
         self.proc = subprocess.Popen([sys.executable, "-m", "lmsmith", "serve", str(model_dir), "--port",
                                       str(self.port), "--model-name", "tiny", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -313,7 +315,9 @@ def test_16_concurrent_streams_each_get_their_solo_output(server, local):
     assert not errors, errors
     assert got == want
     steps, rows = (_metric(server.url, f"lmsmith_decode_{k}_total") - v for k, v in (("steps", steps), ("rows", rows)))
-    assert rows / steps > 4  # decoded together, not one after another
+    # Decoded together, not one after another (that gives 1.0). How many overlap depends on how fast the
+    # 16 client threads start against a tiny model: 3.8 was seen on a busy 2-core machine.
+    assert rows / steps > 2
 
 
 def _metric(url: str, name: str) -> float:
@@ -393,6 +397,8 @@ def _format(kind: str, model_dir, tmp):
 
     m, tok = load(model_dir)
     torch.manual_seed(0)
+    if kind == "bf16":  # the float model, served with its weights cast to bf16 once
+        return model_dir, None
     if kind == "gguf":
         from lmsmith.quant.gguf import export_gguf
 
@@ -414,18 +420,18 @@ def _format(kind: str, model_dir, tmp):
     return model_dir, save_prompt_tuning(wrapped, tmp / kind)
 
 
-@pytest.mark.parametrize("kind", ["gguf", "int8", "lora", "prompt", "prefix"])
+@pytest.mark.parametrize("kind", ["gguf", "int8", "lora", "prompt", "prefix", "bf16"])
 def test_every_format_and_adapter_serves_its_own_greedy_output(kind, model_dir, tmp_path, local):
     from lmsmith.adapters import load_adapter
-    from lmsmith.decoding.layout import use_decode_layout
     from lmsmith.loader import load
+    from lmsmith.recipes.generate import for_inference
 
     path, adapter = _format(kind, model_dir, tmp_path)
     m, tok = load(path)
     if adapter is not None:
         m = load_adapter(m, adapter, tok)
-    m = use_decode_layout(m)
-    s = Server(path, *(["--adapter", str(adapter)] if adapter else []))
+    m = for_inference(m, "bf16" if kind == "bf16" else "fp32")
+    s = Server(path, *(["--adapter", str(adapter)] if adapter else []), "--dtype", "bf16" if kind == "bf16" else "fp32")
     try:
         c = s.client()
         prompts = ["The cat sat on the", "def", "In the", "x = ["]
