@@ -2,14 +2,16 @@
 
 Builds a randomly initialised model of --preset (default small) with a tokenizer trained on
 Python's pydoc text, saves it as an HF directory (served by lmsmith) and as an f16 GGUF
-(served by llama-server). Each server runs alone, with 32 slots; for each client count C,
+(served by llama-server). Both servers run with 32 slots, measured in turn level by level
+over --rounds rounds (an idle server takes no CPU); for each client count C,
 C concurrent streaming clients send a fixed mix of requests (prompts of 32-256 tokens,
 32-128 new tokens, greedy, ignore_eos so both generate exactly max_tokens) through
 /v1/completions. Printed per server and C: total generated tokens/s, time to first token
 p50/p95, per-token latency p50/p95; the speed-up over one client (requests one at a time);
-lmsmith / llama.cpp; and each server's peak resident memory.
+lmsmith / llama.cpp (the median of the rounds' ratios); and each server's peak resident memory.
 
     python bench/serve_throughput.py --llama-server PATH/TO/llama-server [--clients 1,4,16,32] [--scheme q8_0]
+                                     [--rounds 3] [--dtype auto]
 
 --scheme q8_0 (or q4_k_m, ...): both servers run the same GGUF file of that scheme, lmsmith with
 --packed (its packed-matmul kernels); the default f16 serves lmsmith's float HF directory against
@@ -179,17 +181,36 @@ def pct(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), xs[min(len(xs) - 1, int(0.95 * len(xs)))]
 
 
-def bench_server(name: str, proc: Proc, model: str, text: str, levels: list[int]) -> list[dict]:
-    run_level(proc.port, model, make_requests(text, 2, seed=99), 2)  # warm-up
-    rows = []
-    for c in levels:
-        row = run_level(proc.port, model, make_requests(text, max(16, 2 * c), seed=c), c)
-        row["server"] = name
-        print(f"  {name:9s} {c:3d} clients: {row['tok_s']:7.1f} tok/s   TTFT p50 {row['ttft'][0] * 1e3:7.0f} ms "
-              f"p95 {row['ttft'][1] * 1e3:7.0f} ms   per token p50 {row['tpot'][0] * 1e3:6.1f} ms "
-              f"p95 {row['tpot'][1] * 1e3:6.1f} ms", flush=True)
-        rows.append(row)
-    return rows
+def measure(name: str, proc: Proc, model: str, text: str, clients: int, round_: int = 0) -> dict:
+    """One level: C clients through `proc` (new prompts each round: no prompt-cache hits); printed as it ends."""
+    row = run_level(proc.port, model, make_requests(text, max(16, 2 * clients), seed=1000 * round_ + clients), clients)
+    row["server"] = name
+    print(f"  {name:9s} {clients:3d} clients: {row['tok_s']:7.1f} tok/s   TTFT p50 {row['ttft'][0] * 1e3:7.0f} ms "
+          f"p95 {row['ttft'][1] * 1e3:7.0f} ms   per token p50 {row['tpot'][0] * 1e3:6.1f} ms "
+          f"p95 {row['tpot'][1] * 1e3:6.1f} ms", flush=True)
+    return row
+
+
+def start_servers(args, hf: Path, gguf: Path, context: int) -> dict[str, Proc]:
+    """lmsmith's server, and llama-server if given: both up at once (an idle one takes no CPU)."""
+    procs = {}
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    served = [str(hf)] if args.scheme == "f16" else [str(gguf), "--packed"]
+    procs["lmsmith"] = Proc([sys.executable, "-m", "lmsmith", "serve", *served, "--port", str(port), "--model-name",
+                             "m", "--max-batch", str(args.slots), "--max-queue", "1000", "--dtype", args.dtype],
+                            port, env)
+    if args.llama_server:
+        port = free_port()
+        try:
+            procs["llama.cpp"] = Proc([args.llama_server, "-m", str(gguf), "--port", str(port), "-np",
+                                       str(args.slots),
+                                       "-c", str(args.slots * context), "-t", str(args.threads),
+                                       "--cont-batching", "--no-webui"], port)
+        except RuntimeError:
+            procs["lmsmith"].stop()
+            raise
+    return procs
 
 
 def main() -> None:
@@ -201,6 +222,9 @@ def main() -> None:
     ap.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")
     ap.add_argument("--scheme", default="f16", help="f16 (lmsmith float vs llama.cpp f16), or a GGUF scheme both "
                                                     "servers run from the same file (lmsmith --packed)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all levels, both servers interleaved "
+                                                           "(default 3; the table shows medians)")
+    ap.add_argument("--dtype", default="auto", help="lmsmith serve --dtype (default auto: bf16 where native)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     import torch
@@ -209,45 +233,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf, gguf, text = make_model(args.preset, Path(tmp), args.scheme)
         context = json.loads((hf / "config.json").read_text())["max_position_embeddings"]
-        results = {}
-        port = free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        served = [str(hf)] if args.scheme == "f16" else [str(gguf), "--packed"]
-        ours = Proc([sys.executable, "-m", "lmsmith", "serve", *served, "--port", str(port), "--model-name", "m",
-                     "--max-batch", str(args.slots), "--max-queue", "1000"], port, env)
-        try:
-            results["lmsmith"] = bench_server("lmsmith", ours, "m", text, levels)
-        finally:
-            results["lmsmith_rss"] = ours.peak_rss_mb()
-            ours.stop()
-        if args.llama_server:
-            port = free_port()
-            theirs = Proc([args.llama_server, "-m", str(gguf), "--port", str(port), "-np", str(args.slots),
-                           "-c", str(args.slots * context), "-t", str(args.threads), "--cont-batching",
-                           "--no-webui"], port)
+        results: dict[str, dict[int, list[float]]] = {}
+        rss: dict[str, float] = {}
+        # Level by level and round by round, the servers in turn: a noisy minute on a shared VM then
+        # slows both alike. Fresh servers each round: llama-server stalled in a second sweep (0.3.36).
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+            procs = start_servers(args, hf, gguf, context)
             try:
-                results["llama.cpp"] = bench_server("llama.cpp", theirs, "m", text, levels)
+                for proc in procs.values():
+                    run_level(proc.port, "m", make_requests(text, 2, seed=99), 2)  # warm-up
+                for c in levels:
+                    for name, proc in procs.items():
+                        results.setdefault(name, {}).setdefault(c, []).append(
+                            measure(name, proc, "m", text, c, r)["tok_s"])
             finally:
-                results["llama_rss"] = theirs.peak_rss_mb()
-                theirs.stop()
+                for name, proc in procs.items():
+                    rss[name] = max(rss.get(name, 0.0), proc.peak_rss_mb())
+                    proc.stop()
     print()
-    print(f"{args.preset} preset ({args.scheme}), {args.slots} slots, greedy, mixed prompts 32-256 / outputs 32-128 "
-          "tokens")
-    ours = results["lmsmith"]
-    base = ours[0]["tok_s"]
-    head = "clients  lmsmith tok/s  vs 1 client"
+    print(f"{args.preset} preset ({args.scheme}; lmsmith --dtype {args.dtype}), {args.slots} slots, greedy, mixed "
+          f"prompts 32-256 / outputs 32-128 tokens; median of {args.rounds} rounds (range)")
+    ours = {c: statistics.median(v) for c, v in results["lmsmith"].items()}
+    head = "clients  lmsmith tok/s          vs 1 client"
     if "llama.cpp" in results:
-        head += "  llama.cpp tok/s  lmsmith/llama.cpp"
+        head += "  llama.cpp tok/s        lmsmith/llama.cpp (per round)"
     print(head)
-    for i, row in enumerate(ours):
-        line = f"{row['clients']:7d}  {row['tok_s']:13.1f}  {row['tok_s'] / base:10.2f}x"
+    for c in levels:
+        line = f"{c:7d}  {ours[c]:7.1f} ({_span(results['lmsmith'][c])})  {ours[c] / ours[levels[0]]:10.2f}x"
         if "llama.cpp" in results:
-            other = results["llama.cpp"][i]["tok_s"]
-            line += f"  {other:15.1f}  {row['tok_s'] / other:16.2f}x"
+            theirs = results["llama.cpp"][c]
+            ratios = [a / b for a, b in zip(results["lmsmith"][c], theirs)]
+            line += (f"  {statistics.median(theirs):7.1f} ({_span(theirs)})  {statistics.median(ratios):6.2f}x "
+                     f"({', '.join(f'{x:.2f}' for x in ratios)})")
         print(line)
-    print(f"peak RSS: lmsmith {results['lmsmith_rss']:.0f} MB" +
-          (f", llama.cpp {results['llama_rss']:.0f} MB" if "llama_rss" in results else ""))
+    print("peak RSS: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in rss.items()))
 
+
+def _span(xs: list[float]) -> str:
+    return f"{min(xs):.0f}-{max(xs):.0f}"
 
 if __name__ == "__main__":
     main()
