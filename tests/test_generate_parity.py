@@ -29,7 +29,7 @@ def models(request):
     assert not unexpected and all("rotary" in k for k in missing)
     hf.eval()
     if request.param == "decode-layout":
-        use_decode_layout(model, threads=2)  # what the inference verbs do: column-major, split matmuls
+        use_decode_layout(model, threads=2, min_weights=0)  # what the inference verbs do: column-major, split matmuls
     return model, hf
 
 
