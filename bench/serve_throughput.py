@@ -273,5 +273,6 @@ def main() -> None:
 def _span(xs: list[float]) -> str:
     return f"{min(xs):.0f}-{max(xs):.0f}"
 
+
 if __name__ == "__main__":
     main()

@@ -259,6 +259,11 @@ def _as_linear(emb: nn.Embedding) -> nn.Linear:
     return lin
 
 
+def has_packed_weights(model: nn.Module) -> bool:
+    """Whether any layer of `model` keeps packed (quantized) weights."""
+    return any(isinstance(m, _Packed) for m in model.modules())
+
+
 def set_exact(model: nn.Module, exact: bool = True) -> nn.Module:
     """Make every `QuantLinear` of `model` multiply float activations (exact) or int8 ones (fast); returns `model`."""
     for m in model.modules():

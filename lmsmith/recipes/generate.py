@@ -56,14 +56,12 @@ def add_generation_arguments(p) -> None:
     add_draft_arguments(p)
 
 
-DTYPE_HELP = ("the weights' precision, cast once at load: auto = bf16 where the hardware multiplies it natively "
-              "(CPUs with AVX512-BF16 or AMX, CUDA), else fp32; bf16 / fp16 read half the bytes per token; fp32 "
-              "is exact (parity with transformers' fp32 logits). Packed quantized weights stay as they are "
-              "(default: auto)")
-
-
 def add_dtype_argument(p) -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the weights' precision, cast once at load: auto = bf16 where the hardware multiplies it "
+                        "natively (CPUs with AVX512-BF16 or AMX, CUDA), else fp32; bf16 / fp16 read half the bytes "
+                        "per token; fp32 is exact (parity with transformers' fp32 logits). Packed quantized "
+                        "weights stay as they are (default: auto)")
 
 
 def add_draft_arguments(p) -> None:
@@ -177,11 +175,10 @@ def for_inference(model, policy: str):
 
     from ..decoding.layout import use_decode_layout
     from ..precision import inference_dtype
+    from ..quant.linear import has_packed_weights
 
-    device = next(model.parameters()).device
-    dtype = inference_dtype(policy, device)
-    packed = any(hasattr(m, "qweight") for m in model.modules())
-    if dtype != torch.float32 and not packed:
+    dtype = inference_dtype(policy, next(model.parameters()).device)
+    if dtype != torch.float32 and not has_packed_weights(model):
         model = model.to(dtype)
     return use_decode_layout(model)
 

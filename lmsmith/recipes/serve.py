@@ -64,6 +64,7 @@ def run(args) -> int:
     from ..decoding.engine import Engine
     from ..errors import LmsmithError
     from ..memory import human_bytes
+    from ..quant.linear import has_packed_weights
     from ..serve.app import Served, create_app
     from ..serve.worker import Worker
     from .generate import load_draft, load_for_generation
@@ -93,8 +94,7 @@ def run(args) -> int:
             raise LmsmithError(f"could not serve on {args.host}:{args.port} (is the port in use? try --port)")
         time.sleep(0.05)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    weights = "packed" if any(hasattr(m, "qweight") for m in model.modules()) else \
-        str(model.model.norm.weight.dtype).removeprefix("torch.")
+    weights = "packed" if has_packed_weights(model) else str(model.model.norm.weight.dtype).removeprefix("torch.")
     print(f"serving {name!r} ({weights} weights): {args.max_batch} slots x {context} tokens (KV cache "
           f"{human_bytes(kv)}); "
           f"chat page http://{host}:{args.port}/ , OpenAI API http://{host}:{args.port}/v1", file=sys.stderr)
