@@ -256,11 +256,15 @@ def sft_task(tmp_path_factory):
 
 @pytest.mark.parametrize("method,layout", [(["--method", "lora", "--lora-r", "4", "--lr", "3e-3"], ["--dp-shard", "2"]),
                                            (["--method", "prompt", "--virtual-tokens", "4", "--lr", "3e-2"],
-                                            ["--dp-replicate", "2", "--dp-shard", "1"])],
-                         ids=["lora-fsdp", "prompt-ddp"])
+                                            ["--dp-replicate", "2", "--dp-shard", "1"]),
+                                           (["--method", "prompt", "--virtual-tokens", "4", "--lr", "3e-2"],
+                                            ["--dp-shard", "2"]),
+                                           (["--method", "prefix", "--virtual-tokens", "4", "--lr", "1e-2"],
+                                            ["--dp-shard", "2"])],
+                         ids=["lora-fsdp", "prompt-ddp", "prompt-fsdp", "prefix-fsdp"])
 def test_finetune_adapters_under_torchrun_equal_one_process(sft_task, tmp_path, method, layout):
-    """`torchrun -m lmsmith finetune`: LoRA under FSDP (the adapter gathered from the shards) and prompt
-    tuning under DDP give the one-process losses and adapter."""
+    """`torchrun -m lmsmith finetune`: LoRA, prompt and prefix tuning under FSDP (the adapter gathered from
+    the shards) and prompt tuning under DDP give the one-process losses and adapter."""
     from safetensors.torch import load_file
 
     args = ["finetune", str(sft_task / "model"), "--data", str(sft_task / "train.jsonl"), *method,

@@ -132,13 +132,17 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 def gathered_copy(model, ranks: Ranks, lora_cfg=None):
     """A plain (unsharded, CPU) copy of a sharded model on rank 0 (None elsewhere), to write as an HF
-    directory, or with `lora_cfg` as an adapter (and merged). Every rank takes part in the gather."""
+    directory, or with `lora_cfg` as an adapter (and merged); a prompt-tuned model comes back as a plain
+    PromptTunedModel with the trained prompt. Every rank takes part in the gather."""
+    from ..adapters.prompt_tuning import PromptTunedModel
+
     full = full_state_dict(model)
     if not ranks.main:
         return None
     from ..model import build_model
 
-    plain = build_model(model.config, init=False)
+    prompt = isinstance(model, PromptTunedModel)
+    plain = build_model(model.base.config if prompt else model.config, init=False)
     if lora_cfg is not None:
         from ..adapters.lora import apply_lora
 
@@ -146,6 +150,9 @@ def gathered_copy(model, ranks: Ranks, lora_cfg=None):
     plain.load_state_dict(full, strict=False, assign=True)
     plain.tie_weights()
     plain.reset_buffers()
+    if prompt:  # the wrapper's own tensors (table, encoder, token rows, prefix) over a fresh wrapper's
+        plain = PromptTunedModel(plain, model.prompt_config)
+        plain.load_state_dict(full, strict=False)
     return plain
 
 

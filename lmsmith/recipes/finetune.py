@@ -258,9 +258,9 @@ def _run(args: argparse.Namespace, ranks) -> int:
                            inputs={"MODEL": opts["model"], "--adapter": opts["adapter"], "--data": opts["data"],
                                    "--eval-data": opts["eval_data"]})
     ranks.barrier()
-    if ranks.distributed and opts["method"] in ("prompt", "prefix") and ranks.shards_weights:
-        raise LmsmithError(f"--method {opts['method']} under FSDP / TP is not built yet: its few parameters train "
-                           "well on one process, or under DDP (--dp-replicate N --dp-shard 1)")
+    if ranks.distributed and opts["method"] in ("prompt", "prefix") and (ranks.layout.tp > 1 or ranks.layout.pp > 1):
+        raise LmsmithError(f"--method {opts['method']} under --tp / --pp is not built: the virtual tokens "
+                           "change the sequence the model's parallel layers split; use --dp-shard or --dp-replicate")
 
     # ---- model ------------------------------------------------------------------------------------
     base, tokenizer = load(opts["model"])
