@@ -239,6 +239,10 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     """A decoder-only language model. Build with `build_model`, not directly, for meta-device init."""
 
+    # Sequence parallelism (distributed.parallelize.apply_tp) sets this to the TP degree: the hidden
+    # states between blocks then hold T / sequence_shards positions per rank.
+    sequence_shards = 1
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -274,7 +278,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, _, _ = x.shape
         # The sequence length of the ids: with sequence parallelism x holds only this rank's T/tp positions.
+        # A later pipeline stage gets the previous stage's hidden states (B, T/tp, D) as `input_ids`.
         T = input_ids.shape[1] if inputs_embeds is None else x.shape[1]
+        if inputs_embeds is None and input_ids.is_floating_point():
+            T *= self.sequence_shards
         if getattr(cache, "packed", False):  # a PackedStep: positions per segment, attention per segment
             cos, sin = rope_cos_sin(self.inv_freq, cache.positions(x.device), _compute_dtype(x))
             for i, block in enumerate(self.model.layers):

@@ -79,8 +79,5 @@ class Layout:
                                        f"choose a --tp that divides {heads}")
             if config.hidden_dim % self.tp:
                 raise LmsmithError(f"--tp {self.tp}: the MLP width {config.hidden_dim} does not divide evenly")
-        if self.pp > 1 and self.tp > 1:
-            raise LmsmithError(f"--pp {self.pp} with --tp {self.tp} is not built yet; pipeline stages combine with "
-                               "--dp-shard / --dp-replicate, tensor parallelism with both of those")
         if self.pp > config.n_layers:
             raise LmsmithError(f"--pp {self.pp}: the model has only {config.n_layers} layers to split into stages")

@@ -60,14 +60,19 @@ def apply_tp(model, tp_mesh) -> None:
         parallelize_module,
     )
 
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    parallelize_module(model, tp_mesh, {
+    from .pipeline import held
+
+    tied = held(model.lm_head) and model.lm_head.weight is getattr(model.model.embed_tokens, "weight", None)
+    plan = {
         "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "model.norm": SequenceParallel(),
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-    })
+    }
+    # A pipeline stage holds only some of these (the others pass their input through).
+    parallelize_module(model, tp_mesh, {k: v for k, v in plan.items() if held(model.get_submodule(k))})
+    model.sequence_shards = tp_mesh.size()
     # Block.forward(x, cos, sin, mask, cache, layer) calls self_attn(norm(x), cos, sin, mask, cache, layer).
-    for block in model.model.layers:
+    for block in filter(held, model.model.layers):
         parallelize_module(block, tp_mesh, {
             "input_layernorm": SequenceParallel(),
             "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None, None),
@@ -141,6 +146,6 @@ def parallelize(model, ranks: Ranks, *, activation_checkpointing: bool = False, 
         elif ranks.pipeline is None:
             apply_ddp(model, ranks.mesh["dp_replicate"])
         # else: a pipeline all-reduces its replicas' gradients after each schedule step (Pipeline.step)
-    if ranks.pipeline is not None and ranks.pipeline.schedule is None:
+    if ranks.pipeline is not None and not ranks.pipeline.built:
         ranks.pipeline.build()
     return model

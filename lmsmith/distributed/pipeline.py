@@ -22,6 +22,7 @@ from ..errors import LmsmithError
 from ..loss import IGNORE_INDEX
 
 SCHEDULES = ("1f1b", "gpipe")
+_KEPT_SCHEDULES = 4  # schedules of different step shapes kept (each holds its stage's buffers)
 
 
 class _Skip(nn.Module):
@@ -29,6 +30,11 @@ class _Skip(nn.Module):
 
     def forward(self, x, *args):
         return x
+
+
+def held(module: nn.Module) -> bool:
+    """Whether this rank's stage holds `module` (not a `_Skip` of another stage's part)."""
+    return not isinstance(module, _Skip)
 
 
 def stage_layers(n_layers: int, stages: int, stage: int) -> range:
@@ -66,7 +72,8 @@ class Pipeline:
         self._twin = self.tied and self.last and not self.first
         # The last stage's copy of a tied matrix is stored in checkpoints under the embedding's name.
         self.alias = {"lm_head.weight": "model.embed_tokens.weight"} if self._twin else {}
-        self.schedule = None
+        self.built = False
+        self._schedules: dict[tuple, object] = {}
 
     @property
     def duplicate(self):
@@ -75,12 +82,23 @@ class Pipeline:
         return self.model.lm_head.weight if self._twin else None
 
     def build(self) -> None:
+        """Called once TP / FSDP are applied: from now on schedules may be made (`_schedule_for`)."""
+        self.built = True
+
+    def _schedule_for(self, shape: tuple[int, int]):
+        """The schedule for steps of `shape` (rows, T): a stage's receive buffers are sized once, from the
+        first micro-batches it runs, so each shape (an evaluation's short last batch, another SFT width)
+        gets its own stage and schedule; the last few are kept."""
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        pp = self.ranks.mesh["pp"]
-        stage = PipelineStage(self.model, self.stage, self.stages, self.ranks.device, group=pp.get_group())
-        cls = Schedule1F1B if self.kind == "1f1b" else ScheduleGPipe
-        self.schedule = cls(stage, self.microbatches, loss_fn=self._loss, scale_grads=False)
+        if shape not in self._schedules:
+            if len(self._schedules) >= _KEPT_SCHEDULES:
+                self._schedules.pop(next(iter(self._schedules)))
+            pp = self.ranks.mesh["pp"]
+            stage = PipelineStage(self.model, self.stage, self.stages, self.ranks.device, group=pp.get_group())
+            cls = Schedule1F1B if self.kind == "1f1b" else ScheduleGPipe
+            self._schedules[shape] = cls(stage, self.microbatches, loss_fn=self._loss, scale_grads=False)
+        return self._schedules[shape]
 
     @staticmethod
     def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -89,7 +107,7 @@ class Pipeline:
                                reduction="sum")
 
     def _run(self, micro_batches: list[dict], train: bool) -> float:
-        ids, labels = _stack(micro_batches)
+        ids, labels = _stack(micro_batches, multiple=self.model.sequence_shards)
         if not train and ids.shape[0] % self.microbatches:  # a short evaluation batch: pad rows without targets
             extra = self.microbatches - ids.shape[0] % self.microbatches
             ids = torch.cat([ids, ids.new_zeros(extra, ids.shape[1])])
@@ -98,7 +116,8 @@ class Pipeline:
             raise LmsmithError(f"a step of {ids.shape[0]} rows per data-parallel rank does not split into "
                                f"{self.microbatches} pipeline micro-batches; choose a --batch-size x --grad-accum "
                                f"divisible by {self.microbatches}")
-        run = self.schedule.step if train else self.schedule.eval
+        schedule = self._schedule_for(tuple(ids.shape))
+        run = schedule.step if train else schedule.eval
         losses: list[torch.Tensor] = []
         if self.first:
             run(ids, target=labels if self.last else None, losses=losses)
@@ -142,13 +161,17 @@ class Pipeline:
         w = self.model.model.embed_tokens.weight if self.first else self.model.lm_head.weight
         if w.grad is None:
             w.grad = torch.zeros_like(w)
+        if hasattr(w.grad, "placements") and w.grad.placements != w.placements:
+            # Under TP the embedding's gradient comes back Replicate(); the head's is Shard(0), as the weights.
+            w.grad = w.grad.redistribute(placements=w.placements)
         grad = w.grad.to_local() if hasattr(w.grad, "to_local") else w.grad
         dist.all_reduce(grad, group=self._tie_group)
 
 
-def _stack(micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's micro-batches as one (rows, T) batch, right-padded to the longest (labels -100)."""
-    width = max(b["input_ids"].shape[1] for b in micro_batches)
+def _stack(micro_batches: list[dict], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's micro-batches as one (rows, T) batch, right-padded (labels -100) to the longest, rounded
+    up to a `multiple` (sequence parallelism splits T evenly over the TP ranks)."""
+    width = -(-max(b["input_ids"].shape[1] for b in micro_batches) // multiple) * multiple
 
     def pad(t, value):
         return F.pad(t, (0, width - t.shape[1]), value=value)

@@ -436,8 +436,11 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     parallelize(model, ranks, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                 param_dtype=half if half == torch.bfloat16 else None)
     if trainable_names is not None:  # FSDP / TP replaced the parameters: the same names, new tensors
-        named = dict(model.named_parameters())
-        trainable_params = [named[n] if n is not None else p for n, p in zip(trainable_names, trainable_params)]
+        # A pipeline stage keeps only its own (a tied head's last-stage copy goes by the embedding's name).
+        alias = ranks.pipeline.alias if ranks.pipeline is not None else {}
+        named = {alias.get(n, n): p for n, p in model.named_parameters()}
+        trainable_params = [named[n] if n is not None else p for n, p in zip(trainable_names, trainable_params)
+                            if n is None or n in named]
 
     groups = param_groups(model, cfg.weight_decay, trainable_params)
     params = [p for g in groups for p in g["params"]]
