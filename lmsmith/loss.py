@@ -17,7 +17,8 @@ IGNORE_INDEX = -100
 
 
 def target_loss(h: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-                weight: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
+                weight: torch.Tensor | None = None, reduction: str = "sum",
+                cross_entropy: Callable[..., torch.Tensor] = F.cross_entropy) -> torch.Tensor:
     """Cross-entropy of the LM head's logits against `labels`, only on positions with a target.
 
     Args:
@@ -27,6 +28,8 @@ def target_loss(h: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Ten
         weight: the head's plain (V, D) matrix when it has one: the loss is then fused and chunked
             (`linear_cross_entropy`), so the (N, V) logits never exist at once.
         reduction: "sum" -> a scalar, the summed loss; "none" -> (B, T) per-token losses, 0 where ignored.
+        cross_entropy: F.cross_entropy's signature; tensor parallelism gives one for logits split by
+            vocabulary (`distributed.loss_parallel`).
 
     Only rows with a target go through the head (SFT prompts cost no head matmul); the softmax is fp32.
     """
@@ -39,10 +42,10 @@ def target_loss(h: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Ten
     if reduction == "sum":
         if weight is not None:
             return linear_cross_entropy(hk, weight, targets)
-        return F.cross_entropy(head(hk).float(), targets, reduction="sum")
+        return cross_entropy(head(hk).float(), targets, reduction="sum")
     if reduction != "none":
         raise ValueError(f"reduction {reduction!r}: choose 'sum' or 'none'")
-    per_token = F.cross_entropy(head(hk).float(), targets, reduction="none")  # (N,)
+    per_token = cross_entropy(head(hk).float(), targets, reduction="none")  # (N,)
     out = torch.zeros(labels.shape, dtype=per_token.dtype, device=per_token.device)
     return out.masked_scatter(keep, per_token)
 

@@ -333,12 +333,17 @@ class Transformer(nn.Module):
             h = h / temperature  # = logits / temperature: the head is linear without a bias
         if labels is not None:
             if hasattr(h, "placements"):
-                # A DTensor (sequence-parallel norm): the tensor-parallel head gathers the logits first.
-                return target_loss(self.lm_head(h), labels, _identity, None, reduction)
+                # A DTensor (sequence-parallel norm): the tensor-parallel head gives this rank's vocabulary
+                # slice of the logits, and the loss is computed on the slices (loss parallelism).
+                from .distributed.loss_parallel import vocab_sharded
+
+                logits, cross_entropy = vocab_sharded(self.lm_head(h))
+                return target_loss(logits, labels, _identity, None, reduction, cross_entropy)
             return target_loss(h, labels, self.lm_head, plain_head_weight(self.lm_head), reduction)
         if last_only:
             h = last_positions(h, kwargs.get("cache"))
-        return self.lm_head(h)
+        logits = self.lm_head(h)
+        return logits.full_tensor() if hasattr(logits, "full_tensor") else logits  # TP: gathered by vocabulary
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

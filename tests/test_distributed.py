@@ -66,6 +66,15 @@ def test_every_layout_gives_the_single_process_losses(reference, tmp_path, nproc
     _close(_losses(_launch(nproc, str(tmp_path / "run"), *layout)), losses)
 
 
+def test_vocab_parallel_cross_entropy_equals_the_whole_logits():
+    """The loss of logits split by vocabulary (uneven: 11 over 2 ranks) and its gradient per slice."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(WORKER.with_name("dist_loss_parallel.py"))], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_sharded_checkpoint_resumes_on_one_process_and_final_loads_in_transformers(reference, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -306,20 +315,23 @@ def test_finetune_adapters_under_torchrun_equal_one_process(sft_task, tmp_path, 
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
-def test_full_finetune_under_a_pipeline_equals_one_process(sft_task, tmp_path):
+@pytest.mark.parametrize("layout", [["--pp", "2"], ["--tp", "2"]], ids=["pp", "tp"])
+def test_full_finetune_under_pp_or_tp_equals_one_process(sft_task, tmp_path, layout):
     """`finetune --pp 2`: each stage trains only the parameters it holds (the tied head's last-stage copy by
-    the embedding's name), to the one-process losses."""
+    the embedding's name). `--tp 2`: batches of odd widths (sequence parallelism pads them to even). Both
+    give the one-process training and validation losses."""
     args = ["finetune", str(sft_task / "model"), "--data", str(sft_task / "train.jsonl"), "--max-steps", "4",
-            "--batch-size", "8", "--log-every", "1", "--val-fraction", "0", "--dtype", "fp32", "--no-progress",
-            "--seq-len", "64", "--peak-flops", "1e12", "--warmup-steps", "1", "--lr", "1e-3"]
+            "--batch-size", "8", "--log-every", "1", "--val-fraction", "0.2", "--eval-every", "2", "--dtype", "fp32",
+            "--no-progress", "--seq-len", "64", "--peak-flops", "1e12", "--warmup-steps", "1", "--lr", "1e-3"]
     assert main([*args, "--out", str(tmp_path / "alone")]) == 0
-    _launch(2, *args, "--out", str(tmp_path / "two"), "--pp", "2", "--dp-shard", "1", module=True)
+    _launch(2, *args, "--out", str(tmp_path / "two"), *layout, "--dp-shard", "1", module=True)
 
     def losses(run):
-        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [r.get("loss", r.get("val_loss")) for r in rows if "loss" in r or "val_loss" in r]
 
     a, b = losses(tmp_path / "alone"), losses(tmp_path / "two")
-    assert len(a) == 4 and all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
+    assert len(a) == 6 and all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
     assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
 
 

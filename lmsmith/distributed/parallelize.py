@@ -48,8 +48,9 @@ def apply_tp(model, tp_mesh) -> None:
 
     q/k/v/gate/up are split by output columns, o/down by input rows (one all-reduce per attention and
     per MLP, done as reduce-scatter + all-gather so the residual stream stays split along the sequence
-    between blocks). The embedding is split by vocabulary rows and the LM head by vocabulary columns;
-    a tied head shares the embedding's DTensor (both are Shard(0) of the same matrix).
+    between blocks). The embedding is split by vocabulary rows and the LM head by vocabulary columns,
+    its logits left split for the loss (`loss_parallel`); a tied head shares the embedding's DTensor
+    (both are Shard(0) of the same matrix).
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -66,7 +67,8 @@ def apply_tp(model, tp_mesh) -> None:
     plan = {
         "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "model.norm": SequenceParallel(),
-        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        # The logits stay split by vocabulary (a DTensor): the loss is computed on the slices.
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
     }
     # A pipeline stage holds only some of these (the others pass their input through).
     parallelize_module(model, tp_mesh, {k: v for k, v in plan.items() if held(model.get_submodule(k))})

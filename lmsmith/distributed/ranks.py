@@ -17,6 +17,23 @@ from ..errors import LmsmithError
 from .layout import DIMS, Layout
 
 
+def pad_for_sequence_parallel(batch: dict, multiple: int) -> dict:
+    """Every (B, T) tensor of `batch` right-padded to a T that `multiple` divides: labels with -100 (no
+    loss), masks and everything else with 0. Causal attention never looks right, so the real positions'
+    outputs are unchanged."""
+    import torch.nn.functional as F
+
+    from ..loss import IGNORE_INDEX
+
+    out = {}
+    for key, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.ndim == 2 and v.shape[1] % multiple:
+            fill = IGNORE_INDEX if key.endswith("labels") else 0
+            v = F.pad(v, (0, multiple - v.shape[1] % multiple), value=fill)
+        out[key] = v
+    return out
+
+
 def launched_by_torchrun() -> bool:
     """True in a process torchrun (or torch.distributed.launch) started: it sets these variables."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
@@ -69,8 +86,11 @@ class Ranks:
         Every rank draws the same global batch (batch k depends on (seed, k) only), so the union of
         the slices is exactly what one process would train on. Training batches must split evenly;
         with `even=False` (evaluation: the last validation batch is short) the slices differ by at
-        most a row, and a rank may get none.
+        most a row, and a rank may get none. Under tensor parallelism the sequences are right-padded to
+        a multiple of --tp (sequence parallelism splits them evenly; see `pad_for_sequence_parallel`).
         """
+        if self.layout.tp > 1:
+            batch = pad_for_sequence_parallel(batch, self.layout.tp)
         if self.dp_size == 1:
             return batch
         out = {}
