@@ -1,7 +1,8 @@
 """One training run of the tiny model, alone or as one rank of a torchrun job (tests/test_distributed.py).
 
     python tests/dist_worker.py OUT [key=value ...]          one process
-    torchrun --nproc_per_node 2 tests/dist_worker.py OUT dp_shard=2 [pp=2 [gpipe=1]] [save=5] [resume=1] [lora=1]
+    torchrun --nproc_per_node 2 tests/dist_worker.py OUT dp_shard=2 [pp=2 [gpipe=1 | interleaved=1]] [save=5]
+                                                      [resume=1] [lora=1] [stream=1]
 
 Prints the losses of the steps it ran as one JSON line on rank 0. Every rank draws the same global
 batch k from (seed, k), so any layout should reproduce the one-process losses.
@@ -72,7 +73,7 @@ def main(out: str, opts: dict[str, int]) -> None:
     layout = Layout(**{k: opts[k] for k in LAYOUT_KEYS if k in opts}, **({} if "dp_shard" in opts else
                                                                        {"dp_shard": -1}))
     ranks = init_ranks(layout)
-    ranks.pp_schedule = {0: "1f1b", 1: "gpipe"}[opts.get("gpipe", 0)]
+    ranks.pp_schedule = "gpipe" if opts.get("gpipe") else "interleaved" if opts.get("interleaved") else "1f1b"
     try:
         model = build_model(preset("tiny", vocab_size=512), seed=0)
         torch.manual_seed(0)  # the adapters' random init: the same on every rank and in the reference
@@ -85,6 +86,12 @@ def main(out: str, opts: dict[str, int]) -> None:
         if peak is not None:  # final/ was streamed: never more than one whole tensor gathered at once
             largest = max(p.numel() * p.element_size() for p in model.parameters())
             assert 0 < peak[0] <= largest, f"gathered {peak[0]} bytes at once; the largest tensor is {largest}"
+        if opts.get("interleaved"):  # 4 one-block stages: pipeline rank r runs blocks r and r + 2
+            from lmsmith.distributed.pipeline import held
+
+            r = ranks.mesh["pp"].get_local_rank()
+            assert ranks.pipeline.my_stages == [r, r + 2]
+            assert [i for i, b in enumerate(model.model.layers) if held(b)] == [r, r + 2]
         if ranks.main:
             print(json.dumps(result.losses))
     finally:

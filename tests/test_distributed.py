@@ -59,8 +59,11 @@ def reference(tmp_path_factory):
                                           (2, ["tp=2", "dp_shard=1", "stream=1"]),
                                           (4, ["tp=2", "dp_shard=2", "stream=1"]),
                                           (4, ["pp=2", "dp_shard=2", "gpipe=1"]),
-                                          (4, ["pp=2", "dp_replicate=2", "dp_shard=1"])],
-                         ids=["fsdp", "ddp", "tp-sp", "fsdp-x-tp", "pp-gpipe-x-fsdp", "pp-x-ddp"])
+                                          (4, ["pp=2", "dp_replicate=2", "dp_shard=1"]),
+                                          (2, ["pp=2", "dp_shard=1", "interleaved=1"]),
+                                          (4, ["pp=2", "dp_shard=2", "interleaved=1"])],
+                         ids=["fsdp", "ddp", "tp-sp", "fsdp-x-tp", "pp-gpipe-x-fsdp", "pp-x-ddp", "pp-interleaved",
+                              "pp-interleaved-x-fsdp"])
 def test_every_layout_gives_the_single_process_losses(reference, tmp_path, nproc, layout):
     losses, _ = reference
     _close(_losses(_launch(nproc, str(tmp_path / "run"), *layout)), losses)

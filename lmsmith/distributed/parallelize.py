@@ -93,8 +93,11 @@ def apply_tp(model, tp_mesh) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def apply_fsdp(model, dp_mesh, param_dtype: torch.dtype | None = None) -> None:
+def apply_fsdp(model, dp_mesh, param_dtype: torch.dtype | None = None, roots: list | None = None) -> None:
     """FSDP2: every block and then the root (embedding, final norm, head) sharded over `dp_mesh`.
+
+    `roots` replaces the model as the outer unit(s): an interleaved pipeline's stage views, which hold
+    the embedding / norm / head and are what the schedule calls.
 
     A 2-D mesh (dp_replicate, dp_shard) gives HSDP: shards within a group, replicas across groups.
     With `param_dtype` (bf16 where the hardware has it) the all-gathered weights are cast for the
@@ -112,7 +115,8 @@ def apply_fsdp(model, dp_mesh, param_dtype: torch.dtype | None = None) -> None:
     for i, block in enumerate(layers):
         # The last block's weights are needed again at once in backward: keep them gathered.
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+    for root in roots or [model]:
+        fully_shard(root, mesh=dp_mesh, mp_policy=mp)
 
 
 def apply_ddp(model, dp_mesh) -> None:
@@ -144,7 +148,8 @@ def parallelize(model, ranks: Ranks, *, activation_checkpointing: bool = False, 
     if ranks.distributed and layout.dp > 1:
         if layout.dp_shard > 1:
             mesh = ranks.mesh["dp_shard"] if layout.dp_replicate == 1 else ranks.mesh["dp_replicate", "dp_shard"]
-            apply_fsdp(model, mesh, param_dtype)
+            views = [m for m in ranks.pipeline.stage_modules.values() if m is not model] if ranks.pipeline else []
+            apply_fsdp(model, mesh, param_dtype, roots=views or None)
         elif ranks.pipeline is None:
             apply_ddp(model, ranks.mesh["dp_replicate"])
         # else: a pipeline all-reduces its replicas' gradients after each schedule step (Pipeline.step)

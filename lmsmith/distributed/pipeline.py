@@ -1,5 +1,5 @@
-"""Pipeline parallelism: this rank keeps a contiguous run of blocks and runs a torch.distributed.pipelining
-schedule (GPipe or 1F1B) over the micro-batches of each step.
+"""Pipeline parallelism: this rank keeps a contiguous run of blocks (interleaved: two runs) and runs a
+torch.distributed.pipelining schedule (GPipe, 1F1B or interleaved 1F1B) over the micro-batches of each step.
 
 The model is pruned in place rather than rebuilt, so every kept parameter keeps its Hugging Face
 name (checkpoints of any layout load into any other): blocks of other stages become `_Skip`, the
@@ -9,7 +9,8 @@ embedding passes the incoming hidden states (B, T, D) through, on earlier ones t
 passes them out; the last stage returns logits, which the schedule's loss sums. A tied head (all lmsmith
 presets) lives on both ends, as in Megatron: the first stage's embedding and the last stage's head
 start equal, and their gradients are summed across the two after every backward, so both take
-the same update.
+the same update. With two stages per rank (interleaved) the model holds both stages' blocks and each
+stage runs a `_StageView`: the same modules, with the other stage's blocks passed through.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 from ..errors import LmsmithError
 from ..loss import IGNORE_INDEX
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "interleaved")
+STAGES_PER_RANK = {"1f1b": 1, "gpipe": 1, "interleaved": 2}
 _KEPT_SCHEDULES = 4  # schedules of different step shapes kept (each holds its stage's buffers)
 
 
@@ -30,6 +32,32 @@ class _Skip(nn.Module):
 
     def forward(self, x, *args):
         return x
+
+
+class _StageView(nn.Module):
+    """One of several stages on a rank: the rank's own modules of that stage (shared, not copied) in the
+    model's structure, run by the model's own `forward`; what the stage lacks passes its input through."""
+
+    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):
+        super().__init__()
+        object.__setattr__(self, "whole", model)  # not registered: its parameters stay the model's
+        self.model = nn.Module()
+        self.model.embed_tokens = model.model.embed_tokens if first else _Skip()
+        self.model.layers = nn.ModuleList(b if i in layers else _Skip() for i, b in enumerate(model.model.layers))
+        self.model.norm = model.model.norm if last else _Skip()
+        self.lm_head = model.lm_head if last else _Skip()
+
+    def forward(self, x):
+        return type(self.whole).forward(self, x)
+
+    def __getattr__(self, name):  # config, inv_freq, sequence_shards, hidden_states: the model's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            attr = getattr(type(self.whole), name, None)
+            if callable(attr):
+                return attr.__get__(self)  # a method of the model, run on this view's modules
+            return getattr(self.whole, name)
 
 
 def held(module: nn.Module) -> bool:
@@ -50,24 +78,38 @@ class Pipeline:
     last stage)."""
 
     def __init__(self, model, ranks, schedule: str = "1f1b", microbatches: int | None = None):
-        """Prune `model` to this rank's stage; `build` makes the schedule once TP / FSDP are applied."""
+        """Prune `model` to this rank's stages; the schedules are made once TP / FSDP are applied.
+
+        1F1B and GPipe give each of the P ranks one stage; interleaved 1F1B gives each two (virtual
+        stages r and r + P of 2P), so a rank's blocks are not contiguous and the bubble is halved."""
         if schedule not in SCHEDULES:
-            raise LmsmithError(f"--pp-schedule {schedule!r}: choose {' or '.join(SCHEDULES)}")
+            raise LmsmithError(f"--pp-schedule {schedule!r}: choose {', '.join(SCHEDULES)}")
         pp = ranks.mesh["pp"]
-        self.stage, self.stages = pp.get_local_rank(), pp.size()
-        self.first, self.last = self.stage == 0, self.stage == self.stages - 1
-        self.microbatches = microbatches or self.stages
+        rank, ranks_in_pp = pp.get_local_rank(), pp.size()
+        self.n_stages = ranks_in_pp * STAGES_PER_RANK[schedule]
+        self.my_stages = list(range(rank, self.n_stages, ranks_in_pp))  # this rank's stage indices
+        n_layers = len(model.model.layers)
+        if self.n_stages > n_layers:
+            raise LmsmithError(f"--pp {ranks_in_pp} --pp-schedule {schedule}: {self.n_stages} stages, but the model "
+                               f"has only {n_layers} layers; use fewer stages or another schedule")
+        self.first, self.last = 0 in self.my_stages, self.n_stages - 1 in self.my_stages
+        self.microbatches = microbatches or ranks_in_pp
         self.model, self.ranks, self.kind = model, ranks, schedule
         self.tied = model.lm_head.weight is model.model.embed_tokens.weight
-        keep = stage_layers(len(model.model.layers), self.stages, self.stage)
-        for i in range(len(model.model.layers)):
-            if i not in keep:
+        self._layers = {k: stage_layers(n_layers, self.n_stages, k) for k in self.my_stages}
+        mine = {i for layers in self._layers.values() for i in layers}
+        for i in range(n_layers):
+            if i not in mine:
                 model.model.layers[i] = _Skip()
         if not self.first:
             model.model.embed_tokens = _Skip()
         if not self.last:
             model.model.norm = _Skip()
             model.lm_head = _Skip()
+        # What each stage runs: the pruned model itself when the rank has one stage, else a view of it per stage.
+        self.stage_modules = {k: model if len(self.my_stages) == 1 else
+                              _StageView(model, self._layers[k], first=k == 0, last=k == self.n_stages - 1)
+                              for k in self.my_stages}
         self._tie_group = _tie_group(ranks) if self.tied else None
         self._twin = self.tied and self.last and not self.first
         # The last stage's copy of a tied matrix is stored in checkpoints under the embedding's name.
@@ -89,15 +131,25 @@ class Pipeline:
         """The schedule for steps of `shape` (rows, T): a stage's receive buffers are sized once, from the
         first micro-batches it runs, so each shape (an evaluation's short last batch, another SFT width)
         gets its own stage and schedule; the last few are kept."""
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
 
         if shape not in self._schedules:
             if len(self._schedules) >= _KEPT_SCHEDULES:
                 self._schedules.pop(next(iter(self._schedules)))
-            pp = self.ranks.mesh["pp"]
-            stage = PipelineStage(self.model, self.stage, self.stages, self.ranks.device, group=pp.get_group())
-            cls = Schedule1F1B if self.kind == "1f1b" else ScheduleGPipe
-            self._schedules[shape] = cls(stage, self.microbatches, loss_fn=self._loss, scale_grads=False)
+            group = self.ranks.mesh["pp"].get_group()
+            stages = [PipelineStage(self.stage_modules[k], k, self.n_stages, self.ranks.device, group=group)
+                      for k in self.my_stages]
+            if self.kind == "interleaved":
+                schedule = ScheduleInterleaved1F1B(stages, self.microbatches, loss_fn=self._loss, scale_grads=False)
+            else:
+                cls = Schedule1F1B if self.kind == "1f1b" else ScheduleGPipe
+                schedule = cls(stages[0], self.microbatches, loss_fn=self._loss, scale_grads=False)
+            self._schedules[shape] = schedule
         return self._schedules[shape]
 
     @staticmethod

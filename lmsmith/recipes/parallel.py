@@ -29,8 +29,9 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pp", type=int, default=1, metavar="P",
                    help="pipeline parallelism: P stages of consecutive blocks (the embedding on the first, the head "
                         "on the last)")
-    g.add_argument("--pp-schedule", default="1f1b", choices=("1f1b", "gpipe"),
-                   help="pipeline schedule (default 1f1b: one forward, one backward, less activation memory)")
+    g.add_argument("--pp-schedule", default="1f1b", choices=("1f1b", "gpipe", "interleaved"),
+                   help="pipeline schedule (default 1f1b: one forward, one backward, less activation memory; "
+                        "interleaved: 1F1B over 2 stages per rank, r and r + P of 2P, for a smaller bubble)")
     g.add_argument("--pp-microbatches", type=int, default=None, metavar="M",
                    help="pipeline micro-batches per step, cut from each rank's rows (default: P)")
     g.add_argument("--cp", type=int, default=1, metavar="C", help="context parallelism (CUDA only; not built yet: 1)")
