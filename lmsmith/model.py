@@ -347,17 +347,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """GPT-2 style init: N(0, std) everywhere, residual outputs scaled by 1/sqrt(2L)."""
-        std = self.config.init_std
+        """GPT-2 style init (`init_parameter_`), every parameter in `named_parameters` order."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, std / math.sqrt(2 * self.config.n_layers), generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            init_parameter_(name, p, self.config, generator)
         self.inv_freq = rope_inv_freq(self.config, device=self.inv_freq.device)
 
     def _apply(self, fn, recurse=True):
@@ -372,6 +364,20 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+@torch.no_grad()
+def init_parameter_(name: str, p: torch.Tensor, cfg: ModelConfig, generator: torch.Generator | None = None) -> None:
+    """Fill parameter `name` in place: norms 1, biases 0, residual outputs (o_proj, down_proj)
+    N(0, std / sqrt(2L)), everything else N(0, std). Draws from `generator` only for the normal ones."""
+    if name.endswith("norm.weight") or "layernorm" in name:
+        p.fill_(1.0)
+    elif name.endswith(".bias"):
+        p.zero_()
+    elif name.endswith(("o_proj.weight", "down_proj.weight")):
+        p.normal_(0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers), generator=generator)
+    else:
+        p.normal_(0.0, cfg.init_std, generator=generator)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from lmsmith.adapters.lora import LoraConfig, apply_lora
 from lmsmith.config import preset
 from lmsmith.distributed import Layout
+from lmsmith.distributed.materialize import is_meta
 from lmsmith.distributed.ranks import close_ranks, init_ranks
 from lmsmith.model import build_model
 from lmsmith.train import TrainConfig, causal_lm_objective, train
@@ -75,11 +76,13 @@ def main(out: str, opts: dict[str, int]) -> None:
     ranks = init_ranks(layout)
     ranks.pp_schedule = "gpipe" if opts.get("gpipe") else "interleaved" if opts.get("interleaved") else "1f1b"
     try:
-        model = build_model(preset("tiny", vocab_size=512), seed=0)
+        # meta=1: on the meta device; the loop gives each rank's shards build_model(seed=0)'s values
+        model = build_model(preset("tiny", vocab_size=512), seed=0, init=not opts.get("meta"))
         torch.manual_seed(0)  # the adapters' random init: the same on every rank and in the reference
         params = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear")) if opts.get("lora") else None
         config = TrainConfig(max_steps=10, warmup_steps=2, lr=3e-3, dtype="fp32", save_every=opts.get("save", 0),
                              progress=False, peak_flops=1e12, log_every=1)
+        assert is_meta(model) == bool(opts.get("meta"))  # the loop materialises a meta model itself
         peak = _watch_gathers() if opts.get("stream") else None
         result = train(model, Batches(), causal_lm_objective, config, out_dir=out, ranks=ranks,
                        resume=bool(opts.get("resume")), trainable_params=params)

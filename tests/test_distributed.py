@@ -56,15 +56,16 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("nproc,layout", [(2, ["dp_shard=2"]), (2, ["dp_replicate=2", "dp_shard=1"]),
-                                          (2, ["tp=2", "dp_shard=1", "stream=1"]),
-                                          (4, ["tp=2", "dp_shard=2", "stream=1"]),
+                                          (2, ["tp=2", "dp_shard=1", "stream=1", "meta=1"]),
+                                          (4, ["tp=2", "dp_shard=2", "stream=1", "meta=1"]),
                                           (4, ["pp=2", "dp_shard=2", "gpipe=1"]),
                                           (4, ["pp=2", "dp_replicate=2", "dp_shard=1"]),
                                           (2, ["pp=2", "dp_shard=1", "interleaved=1"]),
-                                          (4, ["pp=2", "dp_shard=2", "interleaved=1"])],
+                                          (4, ["pp=2", "dp_shard=2", "interleaved=1", "meta=1"])],
                          ids=["fsdp", "ddp", "tp-sp", "fsdp-x-tp", "pp-gpipe-x-fsdp", "pp-x-ddp", "pp-interleaved",
                               "pp-interleaved-x-fsdp"])
 def test_every_layout_gives_the_single_process_losses(reference, tmp_path, nproc, layout):
+    """meta=1: the model is built on the meta device and each rank initialises only its shards."""
     losses, _ = reference
     _close(_losses(_launch(nproc, str(tmp_path / "run"), *layout)), losses)
 

@@ -160,7 +160,8 @@ def _run(args: argparse.Namespace, ranks) -> int:
         tokenizer, shards = _tokenizer_and_shards(opts, out, corpus, prepare, TokenShards)
 
     # ---- model ------------------------------------------------------------------------------------
-    model, cfg_desc = _model(opts, tokenizer, preset)  # every rank builds the same weights (same seed)
+    # Sharded layouts build on the meta device: the loop gives each rank's shards the seed's values.
+    model, cfg_desc = _model(opts, tokenizer, preset, meta=ranks.shards_weights)
     ranks.layout.check_model(model.config)
 
     # ---- budget and loop ---------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def _shards(folder: Path, tokenizer, corpus, prepare, TokenShards, resume: bool)
     return TokenShards(folder)
 
 
-def _model(opts: dict, tokenizer, preset):
+def _model(opts: dict, tokenizer, preset, meta: bool = False):
     from ..errors import LmsmithError
     from ..loader import load
     from ..model import build_model
@@ -358,7 +359,7 @@ def _model(opts: dict, tokenizer, preset):
         cfg = preset(opts["preset"], **overrides)
     except TypeError as e:
         raise LmsmithError(f"model options: {e}") from None
-    model = build_model(cfg, seed=opts["seed"])
+    model = build_model(cfg, seed=opts["seed"], init=not meta)
     return model, f"{opts['preset']} ({model.num_params() / 1e6:.1f}M params)"
 
 

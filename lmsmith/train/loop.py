@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..distributed.materialize import init_sharded, is_meta
 from ..distributed.parallelize import parallelize
 from ..distributed.ranks import Ranks
 from ..errors import LmsmithError
@@ -425,8 +426,10 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
         out_dir.mkdir(parents=True, exist_ok=True)
         st.clean_temporaries(out_dir)
     ranks.barrier()
-    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
-    model.to(device)
+    meta = is_meta(model)  # build_model(init=False): each rank initialises only its shards, after parallelize
+    device = torch.device(cfg.device) if cfg.device else ranks.device if meta else next(model.parameters()).device
+    if not meta:
+        model.to(device)
     model.train()
     st.seed_everything(cfg.seed)
     # The layout's parallelisms (and checkpointing / compile) before the optimizer sees the parameters.
@@ -435,6 +438,8 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     trainable_names = [names.get(id(p)) for p in trainable_params] if trainable_params is not None else None
     parallelize(model, ranks, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                 param_dtype=half if half == torch.bfloat16 else None)
+    if meta:
+        init_sharded(model, device, cfg.seed, ranks.pipeline.alias if ranks.pipeline is not None else None)
     if trainable_names is not None:  # FSDP / TP replaced the parameters: the same names, new tensors
         # A pipeline stage keeps only its own (a tied head's last-stage copy goes by the embedding's name).
         alias = ranks.pipeline.alias if ranks.pipeline is not None else {}
