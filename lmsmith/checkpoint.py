@@ -332,10 +332,12 @@ def special_ids(tokenizer) -> dict[str, Any]:
 
 
 def write_model_files(model: Transformer, tokenizer, directory: str | os.PathLike, *,
-                      max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None) -> list[str]:
+                      max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None,
+                      fetch: Callable[[str], torch.Tensor] | None = None) -> list[str]:
     """Write config, weights, generation config and tokenizer into an existing directory (not atomic).
 
-    Returns the names of the files written. `save` wraps this in an atomic directory swap.
+    Returns the names of the files written. `save` wraps this in an atomic directory swap. `fetch(name)`
+    gives the weights of a model left on the meta device, one at a time (`fileio.write_safetensors`).
     """
     from .precision import parse_dtype
 
@@ -357,13 +359,13 @@ def write_model_files(model: Transformer, tokenizer, directory: str | os.PathLik
     max_bytes = parse_size(max_shard_size)
     shards = _plan_shards(tensors, max_bytes, dtype)
     if len(shards) == 1:
-        write_safetensors(tensors, directory / WEIGHTS_NAME, dtype=dtype)
+        write_safetensors(tensors, directory / WEIGHTS_NAME, dtype=dtype, fetch=fetch)
         written.append(WEIGHTS_NAME)
     else:
         weight_map, total = {}, 0
         for i, names in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            total += write_safetensors({n: tensors[n] for n in names}, directory / fname, dtype=dtype)
+            total += write_safetensors({n: tensors[n] for n in names}, directory / fname, dtype=dtype, fetch=fetch)
             weight_map.update({n: fname for n in names})
             written.append(fname)
         write_json(directory / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -383,7 +385,7 @@ def write_model_files(model: Transformer, tokenizer, directory: str | os.PathLik
 
 def save(model: Transformer, tokenizer, path: str | os.PathLike, *, max_shard_size: int | str = "2GB",
          dtype: torch.dtype | str | None = None,
-         extra: Callable[[Path], None] | None = None) -> Path:
+         extra: Callable[[Path], None] | None = None, fetch: Callable[[str], torch.Tensor] | None = None) -> Path:
     """Save a model (and tokenizer) as a Hugging Face directory, atomically.
 
     Args:
@@ -395,13 +397,14 @@ def save(model: Transformer, tokenizer, path: str | os.PathLike, *, max_shard_si
         dtype: convert floating weights to this dtype on the way out; None keeps theirs.
         extra: called with the temporary directory after the model files are written, to
             add more (e.g. the training loop's `train_state/`) inside the same atomic write.
+        fetch: for a model on the meta device, reads each weight by name when it is written.
 
     Returns:
         The final path.
     """
     path = Path(path)
     with atomic_dir(path) as tmp:
-        write_model_files(model, tokenizer, tmp, max_shard_size=max_shard_size, dtype=dtype)
+        write_model_files(model, tokenizer, tmp, max_shard_size=max_shard_size, dtype=dtype, fetch=fetch)
         if extra is not None:
             extra(tmp)
     return path

@@ -57,7 +57,8 @@ def tensor_nbytes(t: torch.Tensor, dtype: torch.dtype | None) -> int:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike,
-                      dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> int:
+                      dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
+                      fetch: Callable[[str], torch.Tensor] | None = None) -> int:
     """Stream tensors into a safetensors file, one at a time; return bytes of tensor data.
 
     Why not `safetensors.torch.save_file`: it serialises every tensor to bytes
@@ -66,7 +67,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike,
 
     A sharded tensor (a DTensor: FSDP2 / tensor parallelism) is gathered when its turn comes
     (`full_tensor()`, a collective: the other ranks call `gather_in_turn` on the same tensors),
-    so the writer holds one whole tensor at a time, never the whole model.
+    so the writer holds one whole tensor at a time, never the whole model. A tensor on the meta device
+    stands for one `fetch(name)` reads when its turn comes (a pipeline's stages from their checkpoint).
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
@@ -82,9 +84,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike,
     with open(file, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
-        for t in tensors.values():
+        for name, t in tensors.items():
+            if t.is_meta:
+                t = fetch(name)
             if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
+                t = t.to(dtype)  # before a gather, as gather_in_turn does on the other ranks
             t = _whole(t).to("cpu").contiguous()
             if t.numel():
                 # uint8 view of the tensor's own memory: no copy unless conversion made one above.

@@ -111,15 +111,15 @@ def test_single_process_checkpoint_resumes_sharded_on_two(reference, tmp_path):
 
 def test_pipeline_1f1b_resumes_on_one_process_and_one_on_the_pipeline(reference, tmp_path):
     """2 stages (1F1B, the tied head on both ends): the one-process losses; its checkpoint resumes alone,
-    a one-process checkpoint resumes on the pipeline, and final/ (read back from every stage's shards)
-    loads in transformers."""
+    a one-process checkpoint resumes on the pipeline, and final/ (read back from every stage's shards, one
+    tensor at a time) loads in transformers."""
     from transformers import AutoModelForCausalLM
 
     import lmsmith
 
     losses, alone = reference
     run = tmp_path / "run"
-    _close(_losses(_launch(2, str(run), "pp=2", "dp_shard=1", "save=5")), losses)
+    _close(_losses(_launch(2, str(run), "pp=2", "dp_shard=1", "save=5", "stream=1")), losses)  # one tensor at a time
     hf = AutoModelForCausalLM.from_pretrained(run / "final")
     ours, _ = lmsmith.load(alone / "final")
     ids = torch.randint(0, 512, (2, 24))
@@ -147,7 +147,7 @@ def test_pipeline_x_tp_resumes_on_one_process_and_final_loads_in_transformers(re
 
     losses, alone = reference
     run = tmp_path / "run"
-    _close(_losses(_launch(4, str(run), "pp=2", "tp=2", "dp_shard=1", "save=5")), losses)
+    _close(_losses(_launch(4, str(run), "pp=2", "tp=2", "dp_shard=1", "save=5", "stream=1")), losses)
     hf = AutoModelForCausalLM.from_pretrained(run / "final")
     ours, _ = lmsmith.load(alone / "final")
     ids = torch.randint(0, 512, (2, 24))

@@ -156,16 +156,20 @@ def gathered_copy(model, ranks: Ranks, lora_cfg=None):
     return plain
 
 
-def plain_from_checkpoint(path: Path, config):
-    """A plain CPU Transformer with the weights of a sharded checkpoint, read by this process alone
-    (every stage's shards: a pipeline run's final model, whichever rank wrote which layers)."""
+def stored_tensors(path: Path, config):
+    """(a meta-device Transformer of `config`, fetch(name) -> that weight read from the sharded checkpoint
+    at `path` by this process alone): every stage's shards, one tensor at a time (a pipeline run's final
+    model, written by rank 0 without building the whole model)."""
     import torch.distributed.checkpoint as dcp
 
     from ..model import build_model
 
-    plain = build_model(config, seed=0)
-    sd = {"model": _renamed(plain.state_dict(), {}, {})[0]}  # a tied head once, as the embedding
-    dcp.load(sd, checkpoint_id=str(Path(path) / DCP_DIR), no_dist=True)
-    plain.load_state_dict(sd["model"], strict=False)
-    plain.tie_weights()
-    return plain
+    meta = build_model(config, init=False)
+    shapes = _renamed(meta.state_dict(), {}, {})[0]  # a tied head once, as the embedding
+
+    def fetch(name: str) -> torch.Tensor:
+        t = torch.empty(shapes[name].shape, dtype=shapes[name].dtype)
+        dcp.load({"model": {name: t}}, checkpoint_id=str(Path(path) / DCP_DIR), no_dist=True)
+        return t
+
+    return meta, fetch

@@ -124,18 +124,19 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 def save_model(model, tokenizer, path: Path, ranks=None, checkpoint: Path | None = None) -> Path:
     """Write the final model as an HF directory, atomically (by rank 0; a sharded model is gathered one
-    tensor at a time; pipeline stages are read back from `checkpoint`, the sharded checkpoint of the
-    same step)."""
+    tensor at a time; pipeline stages are read back one tensor at a time from `checkpoint`, the sharded
+    checkpoint of the same step)."""
     from ..checkpoint import save
 
     if ranks is None or not ranks.distributed:
         return save(model, tokenizer, path)
     if ranks.pipeline is not None:
-        from ..distributed.dcp import plain_from_checkpoint
+        from ..distributed.dcp import stored_tensors
 
         ranks.barrier()
-        if ranks.main:
-            save(plain_from_checkpoint(checkpoint, model.config), tokenizer, path)
+        if ranks.main:  # every stage's tensors read back from the checkpoint, one at a time
+            meta, fetch = stored_tensors(checkpoint, model.config)
+            save(meta, tokenizer, path, fetch=fetch)
     elif ranks.shards_weights:
         # Streamed: each sharded tensor is gathered in turn (every rank joins), written by rank 0 and
         # dropped, so no rank ever holds the whole model (`fileio.write_safetensors`).
