@@ -1,5 +1,6 @@
 """Distributed training on this machine: memory per rank as FSDP2 shards over N ranks, against
-`lmsmith plan`'s prediction, and tokens/s per layout (one process, DDP, FSDP, TP+SP).
+`lmsmith plan`'s prediction, and tokens/s per layout (one process, DDP, FSDP, TP+SP, PP 1F1B and
+interleaved).
 
 Each row launches `tests/dist_memory.py` under torchrun (gloo, one thread per rank) on the same
 global batch; memory is the mean over ranks of the resident-set peak of the training steps (freed
@@ -61,7 +62,9 @@ def main() -> None:
     base = launch(1, *common)["tokens_per_s"]
     print(f"  {'one process':<28} {base:>9,.0f} tok/s  1.00x")
     for name, args in (("DDP (--dp-replicate 2)", ["dp_replicate=2", "dp_shard=1"]),
-                       ("FSDP2 (--dp-shard 2)", ["dp_shard=2"]), ("TP+SP (--tp 2)", ["tp=2", "dp_shard=1"])):
+                       ("FSDP2 (--dp-shard 2)", ["dp_shard=2"]), ("TP+SP (--tp 2)", ["tp=2", "dp_shard=1"]),
+                       ("PP 1F1B (--pp 2)", ["pp=2", "dp_shard=1"]),
+                       ("PP interleaved (--pp 2)", ["pp=2", "dp_shard=1", "schedule=interleaved"])):
         r = launch(2, *common, *args)
         print(f"  {name:<28} {r['tokens_per_s']:>9,.0f} tok/s  {r['tokens_per_s'] / base:.2f}x")
 

@@ -2,7 +2,8 @@
 bench/distributed.py), and their speed.
 
     python tests/dist_memory.py [steps=2 preset=small batch=4 seq=128]   one process
-    torchrun --nproc_per_node 2 tests/dist_memory.py [dp_shard=2 | dp_replicate=2 dp_shard=1 | tp=2 dp_shard=1]
+    torchrun --nproc_per_node 2 tests/dist_memory.py [dp_shard=2 | dp_replicate=2 dp_shard=1 | tp=2 dp_shard=1 |
+                                                      pp=2 dp_shard=1 [schedule=interleaved]]
 
 Run with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors go back to the OS and the resident set's
 high-water mark (VmHWM, reset through /proc/self/clear_refs) follows the live tensors.
@@ -27,7 +28,7 @@ from lmsmith.train import causal_lm_objective
 from lmsmith.train.loop import accumulate_gradients
 from lmsmith.train.optim import build_optimizer, param_groups
 
-LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp")
+LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp", "pp")
 
 
 def rss(field: str) -> int:
@@ -42,6 +43,7 @@ def main(opts: dict[str, str]) -> None:
     torch.set_num_threads(1)
     steps, BATCH, SEQ = int(opts.get("steps", 2)), int(opts.get("batch", 4)), int(opts.get("seq", 128))
     ranks = init_ranks(Layout(**{k: int(opts[k]) for k in LAYOUT_KEYS if k in opts}))
+    ranks.pp_schedule = opts.get("schedule", "1f1b")
     cfg = preset(opts.get("preset", "small"), max_seq_len=SEQ)
     model = build_model(cfg, seed=0)
     parallelize(model, ranks)
@@ -62,7 +64,7 @@ def main(opts: dict[str, str]) -> None:
         times.append(time.perf_counter() - t0)
     measured = rss("VmHWM") - base
     lay = ranks.layout
-    layout = pl.Layout(lay.dp_replicate, lay.dp_shard, lay.tp, 1)
+    layout = pl.Layout(lay.dp_replicate, lay.dp_shard, lay.tp, lay.pp)
     job = pl.Job(cfg, precision="fp32", seq_len=SEQ, batch=BATCH // ranks.dp_size, eager_attention=True)
     parts = pl.memory_per_device(job, layout)
     peaks = ranks.sum([float(measured)], over="world")
