@@ -129,7 +129,7 @@ def apply_ddp(model, dp_mesh) -> None:
 def parallelize(model, ranks: Ranks, *, activation_checkpointing: bool = False, compile: bool = False,
                 param_dtype: torch.dtype | None = None):
     """Apply the run's layout to `model` in place (PP split -> TP -> activation checkpointing -> compile ->
-    FSDP/DDP -> the pipeline schedule, in `ranks.pipeline`).
+    FSDP/DDP; `ranks.pipeline` makes its schedules at the first step of each shape).
 
     Returns the model. A single process gets only activation checkpointing / compile, as before.
     """
@@ -153,6 +153,4 @@ def parallelize(model, ranks: Ranks, *, activation_checkpointing: bool = False, 
         elif ranks.pipeline is None:
             apply_ddp(model, ranks.mesh["dp_replicate"])
         # else: a pipeline all-reduces its replicas' gradients after each schedule step (Pipeline.step)
-    if ranks.pipeline is not None and not ranks.pipeline.built:
-        ranks.pipeline.build()
     return model

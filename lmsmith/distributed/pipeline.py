@@ -114,18 +114,13 @@ class Pipeline:
         self._twin = self.tied and self.last and not self.first
         # The last stage's copy of a tied matrix is stored in checkpoints under the embedding's name.
         self.alias = {"lm_head.weight": "model.embed_tokens.weight"} if self._twin else {}
-        self.built = False
-        self._schedules: dict[tuple, object] = {}
+        self._schedules: dict[tuple, object] = {}  # made at the first step of each shape, after TP / FSDP
 
     @property
     def duplicate(self):
         """The last stage's copy of a tied matrix (trained, but counted once, on the first stage, in the
         gradient norm); looked up now, since FSDP / TP replace the parameter objects."""
         return self.model.lm_head.weight if self._twin else None
-
-    def build(self) -> None:
-        """Called once TP / FSDP are applied: from now on schedules may be made (`_schedule_for`)."""
-        self.built = True
 
     def _schedule_for(self, shape: tuple[int, int]):
         """The schedule for steps of `shape` (rows, T): a stage's receive buffers are sized once, from the
@@ -159,7 +154,7 @@ class Pipeline:
                                reduction="sum")
 
     def _run(self, micro_batches: list[dict], train: bool) -> float:
-        ids, labels = _stack(micro_batches, multiple=self.model.sequence_shards)
+        ids, labels = _stack(micro_batches)  # (Ranks.shard_batch already padded T for sequence parallelism)
         if not train and ids.shape[0] % self.microbatches:  # a short evaluation batch: pad rows without targets
             extra = self.microbatches - ids.shape[0] % self.microbatches
             ids = torch.cat([ids, ids.new_zeros(extra, ids.shape[1])])
@@ -220,10 +215,9 @@ class Pipeline:
         dist.all_reduce(grad, group=self._tie_group)
 
 
-def _stack(micro_batches: list[dict], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's micro-batches as one (rows, T) batch, right-padded (labels -100) to the longest, rounded
-    up to a `multiple` (sequence parallelism splits T evenly over the TP ranks)."""
-    width = -(-max(b["input_ids"].shape[1] for b in micro_batches) // multiple) * multiple
+def _stack(micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's micro-batches as one (rows, T) batch, right-padded to the longest (labels -100)."""
+    width = max(b["input_ids"].shape[1] for b in micro_batches)
 
     def pad(t, value):
         return F.pad(t, (0, width - t.shape[1]), value=value)

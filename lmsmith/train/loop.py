@@ -438,11 +438,12 @@ def train(model, batches, objective, config: TrainConfig, *, out_dir, tokenizer=
     trainable_names = [names.get(id(p)) for p in trainable_params] if trainable_params is not None else None
     parallelize(model, ranks, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                 param_dtype=half if half == torch.bfloat16 else None)
+    # A pipeline stage's tied-head copy goes by the embedding's name in the whole model.
+    alias = ranks.pipeline.alias if ranks.pipeline is not None else {}
     if meta:
-        init_sharded(model, device, cfg.seed, ranks.pipeline.alias if ranks.pipeline is not None else None)
+        init_sharded(model, device, cfg.seed, alias)
     if trainable_names is not None:  # FSDP / TP replaced the parameters: the same names, new tensors
-        # A pipeline stage keeps only its own (a tied head's last-stage copy goes by the embedding's name).
-        alias = ranks.pipeline.alias if ranks.pipeline is not None else {}
+        # A pipeline stage keeps only its own.
         named = {alias.get(n, n): p for n, p in model.named_parameters()}
         trainable_params = [named[n] if n is not None else p for n, p in zip(trainable_names, trainable_params)
                             if n is None or n in named]
